@@ -1,0 +1,144 @@
+"""The one exception tree of llm-mesh, and its one translation to gRPC status codes.
+
+::
+
+    MeshError                       INTERNAL (a bug or an unexpected engine failure)
+    ├── InvalidArgument             INVALID_ARGUMENT   the message names the field
+    ├── NotFound                    NOT_FOUND          unknown model, only-if-cached miss
+    ├── Unavailable                 UNAVAILABLE        no healthy worker, engine failed, draining
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED queue full, message too large
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED
+    ├── Cancelled                   CANCELLED
+    ├── Unauthenticated             UNAUTHENTICATED
+    └── PermissionDenied            PERMISSION_DENIED
+
+Lower layers (redis, consul, tritonclient, engines) raise or are translated into these at their
+boundary; servicers wrap each RPC in :func:`grpc_errors`, which turns them into a status and
+message, and turns anything else into INTERNAL without showing the caller a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+import grpc.aio
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class MeshError(Exception):
+    """Base of every error llm-mesh reports to a caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MeshError):
+    """A request field has a value the service cannot accept."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(MeshError):
+    """The named thing (a model, a cached answer) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(MeshError):
+    """The service cannot serve now; retrying later or elsewhere may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(MeshError):
+    """A bound (queue, message size) was reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(MeshError):
+    """The caller's deadline passed before the answer was complete."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(MeshError):
+    """The caller cancelled the request."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unauthenticated(MeshError):
+    """The caller did not prove who it is."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    """The caller may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        Unavailable,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
+    """Translate a failed call to another llm-mesh service into our error tree."""
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        error: MeshError = MeshError(details)
+        error.code = grpc.StatusCode.INVALID_ARGUMENT
+        return error
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(f"{peer}: {details}" if peer and cls is Unavailable else details)
+    return Unavailable(f"{peer or 'upstream'} failed: {code.name}: {details}")
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], error: MeshError) -> NoReturn:
+    """End the current RPC with the status of ``error``."""
+    await context.abort(error.code, error.message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+@contextlib.asynccontextmanager
+async def grpc_errors(context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[None]:
+    """Translate exceptions raised inside an RPC handler into gRPC statuses.
+
+    MeshError becomes its status code and message. Any other exception is logged once with its
+    traceback and becomes INTERNAL with a generic message: no stack trace reaches the caller.
+    """
+    try:
+        yield
+    except MeshError as exc:
+        await context.abort(exc.code, exc.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("unhandled error in RPC handler")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service's logs")
