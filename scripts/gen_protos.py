@@ -48,7 +48,9 @@ def generate(out_dir: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         *protos,
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT, stdout=subprocess.DEVNULL)
+    result = subprocess.run(cmd, cwd=PROTO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"protoc failed:\n{result.stderr}")
     (out_dir / OUT_PACKAGE / "__init__.py").write_text(INIT_TEXT)
     (out_dir / OUT_PACKAGE / "py.typed").write_text("")
 
@@ -68,7 +70,7 @@ def stale_files(generated: Path, committed: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
+    parser.add_argument("--check", action="store_true", help="fail if stubs are stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
