@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -120,14 +120,14 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
     return Unavailable(f"{peer or 'upstream'} failed: {code.name}: {details}")
 
 
-async def abort(context: grpc.aio.ServicerContext[object, object], error: MeshError) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
     """End the current RPC with the status of ``error``."""
     await context.abort(error.code, error.message)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
 @contextlib.asynccontextmanager
-async def grpc_errors(context: grpc.aio.ServicerContext[object, object]) -> AsyncIterator[None]:
+async def grpc_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
     """Translate exceptions raised inside an RPC handler into gRPC statuses.
 
     MeshError becomes its status code and message. Any other exception is logged once with its

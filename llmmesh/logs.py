@@ -69,7 +69,13 @@ def bind_request(**context: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+        try:
+            structlog.contextvars.reset_contextvars(**tokens)
+        except ValueError:
+            # grpc.aio closes an abandoned streaming handler (an async generator paused at a
+            # yield) from another task, whose context did not create the tokens. Each RPC runs in
+            # its own task and context, so unbinding there is all that is left to do.
+            structlog.contextvars.unbind_contextvars(*context)
 
 
 def get_logger(name: str) -> Any:

@@ -1,0 +1,111 @@
+"""The router's configuration: flags and ``LLMMESH_*`` environment variables, read here only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from llmmesh import settings
+from llmmesh.discovery import parse_address
+from llmmesh.server import ServerSettings
+from llmmesh.validation import Limits
+from router._balancer import PolicyName
+
+_LIMIT_DEFAULTS = Limits()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig(ServerSettings):
+    """How the router listens, finds workers and the cache, and bounds requests."""
+
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(
+        default=9401,
+        metadata={"help": "Prometheus metrics HTTP port (0 picks a free one, -1 disables)"},
+    )
+    discovery: Literal["static"] = field(
+        default="static", metadata={"help": "how workers are found: static (the --workers list)"}
+    )
+    workers: tuple[str, ...] = field(
+        default=("127.0.0.1:50061",),
+        metadata={"help": "worker addresses for static discovery, host:port,host:port"},
+    )
+    cache_address: str = field(
+        default="127.0.0.1:50071",
+        metadata={"help": "host:port of the cache service; empty disables caching"},
+    )
+    cache_timeout: timedelta = field(
+        default=timedelta(milliseconds=50),
+        metadata={"help": "longest a cache lookup may take before it counts as a miss"},
+    )
+    max_request_time: timedelta = field(
+        default=timedelta(minutes=10),
+        metadata={"help": "deadline given to a worker when the caller sets none"},
+    )
+    policy: PolicyName = field(
+        default="least-loaded", metadata={"help": "load-balancing policy: least-loaded"}
+    )
+    default_max_tokens: int = field(
+        default=_LIMIT_DEFAULTS.default_max_tokens,
+        metadata={"help": "max_tokens when a request leaves it unset"},
+    )
+    max_tokens_limit: int = field(
+        default=_LIMIT_DEFAULTS.max_tokens_limit,
+        metadata={"help": "largest max_tokens a request may ask for"},
+    )
+    max_prompt_chars: int = field(
+        default=_LIMIT_DEFAULTS.max_prompt_chars,
+        metadata={"help": "longest prompt (all chat messages together), in characters"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.discovery == "static" and not self.workers:
+            raise ValueError("workers: static discovery needs at least one worker address")
+        for address in self.workers:
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                raise ValueError(f"workers: {exc}") from None
+        if self.cache_address:
+            try:
+                parse_address(self.cache_address)
+            except ValueError as exc:
+                raise ValueError(f"cache_address: {exc}") from None
+        if self.cache_timeout <= timedelta(0):
+            raise ValueError("cache_timeout: must be > 0")
+        if self.max_request_time <= timedelta(0):
+            raise ValueError("max_request_time: must be > 0")
+        if self.max_tokens_limit <= 0:
+            raise ValueError(f"max_tokens_limit: must be > 0 (got {self.max_tokens_limit})")
+        if not 0 < self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens: must be in 1..max_tokens_limit ({self.max_tokens_limit})"
+                f" (got {self.default_max_tokens})"
+            )
+        if self.max_prompt_chars <= 0:
+            raise ValueError(f"max_prompt_chars: must be > 0 (got {self.max_prompt_chars})")
+
+    @property
+    def limits(self) -> Limits:
+        """The bounds on one request."""
+        return Limits(
+            default_max_tokens=self.default_max_tokens,
+            max_tokens_limit=self.max_tokens_limit,
+            max_prompt_chars=self.max_prompt_chars,
+        )
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> RouterConfig:
+    """The configuration from ``argv`` flags, then ``LLMMESH_*`` variables, then defaults."""
+    return settings.load(
+        RouterConfig,
+        prog="python -m router",
+        description="llm-mesh router: the public entry point; routes requests to workers.",
+        argv=argv,
+        environ=environ,
+    )

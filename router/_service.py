@@ -1,0 +1,514 @@
+"""The ``llmmesh.v1.Router`` servicer, and the :class:`RouterApp` that runs it.
+
+How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
+
+1. a request id is assigned when the caller gave none, and bound to every log line of the RPC;
+2. the tenant (metadata ``x-llmmesh-tenant``) and the request are validated before anything else:
+   bad input never reaches a worker;
+3. a model no worker has ever reported is NOT_FOUND;
+4. a cacheable request is looked up under a short timeout; a hit is answered at once (a streaming
+   caller gets the cached text as a few chunks), a miss under CACHE_POLICY_ONLY_IF_CACHED is
+   NOT_FOUND;
+5. the policy picks a HEALTHY worker of the model (none: UNAVAILABLE), and the request is sent to
+   it with the caller's remaining deadline. Chunks are relayed as they arrive; a caller that
+   cancels or runs out of time cancels the worker's call, which aborts the engine request;
+6. a finished, cacheable answer is stored in the background, without delaying the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+import structlog
+
+from llmmesh import errors, logs
+from llmmesh.cache_key import (
+    DEFAULT_TENANT,
+    TENANT_METADATA_KEY,
+    cache_key,
+    reads_cache,
+    writes_cache,
+)
+from llmmesh.discovery import Discovery, StaticDiscovery
+from llmmesh.server import ServiceRunner
+from llmmesh.v1 import cache_pb2, generate_pb2, router_pb2, router_pb2_grpc
+from llmmesh.validation import MAX_REQUEST_ID_CHARS, Limits, validate_request
+from router import _metrics as metrics
+from router._balancer import Policy, make_policy
+from router._cache_client import NoCache, ResponseCache, open_cache
+from router._config import RouterConfig
+from router._pool import Worker, WorkerPool, WorkerState
+
+log = structlog.get_logger(__name__)
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_FINISHED = frozenset({generate_pb2.FINISH_REASON_STOP, generate_pb2.FINISH_REASON_LENGTH})
+# A cached answer is streamed in pieces of this many characters.
+_CACHED_CHUNK_CHARS = 256
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated request on its way through the router."""
+
+    #: The request as forwarded to a worker (the request id filled in).
+    request: generate_pb2.GenerateRequest
+    tenant: str
+    #: The cache key ("" when the request neither reads nor writes the cache).
+    key: str
+    #: time.monotonic() when the router received the request.
+    started: float
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    """Answers Generate, GenerateStream and ListWorkers from the pool, the cache and a policy."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        policy: Policy,
+        *,
+        limits: Limits,
+        max_request_time: timedelta,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.limits = limits
+        #: Replaced by :class:`RouterApp` once the event loop runs (channels need one).
+        self.cache: ResponseCache = cache or NoCache()
+        self._max_request_time = max_request_time.total_seconds()
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: _Context
+    ) -> generate_pb2.GenerateResponse:
+        """Generate a whole answer."""
+        request_id = request.request_id or uuid.uuid4().hex
+        with logs.bind_request(request_id=request_id[:MAX_REQUEST_ID_CHARS]):
+            async with _RpcScope("Generate", context) as scope:
+                return await self._generate(request, request_id, context, scope)
+
+    async def GenerateStream(
+        self, request: generate_pb2.GenerateRequest, context: _Context
+    ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
+        """Generate an answer and relay it as it is produced."""
+        request_id = request.request_id or uuid.uuid4().hex
+        # Bound without a reset: grpc.aio runs each RPC in a task of its own, so the binding ends
+        # with the RPC, whereas a generator suspended at a yield when the caller goes away is
+        # closed later from another task, where resetting a context variable fails.
+        structlog.contextvars.bind_contextvars(request_id=request_id[:MAX_REQUEST_ID_CHARS])
+        async with _RpcScope("GenerateStream", context) as scope:
+            call = self._prepare(request, request_id, context, scope.started)
+            entry = await self._lookup(call, context)
+            if entry is not None:
+                scope.note(cached=True, worker_id=entry.worker_id)
+                for chunk in _cached_chunks(call, entry, "GenerateStream"):
+                    yield chunk
+                return
+            worker = self._pick(call)
+            scope.note(worker_id=worker.worker_id)
+            with self.pool.in_flight(worker):
+                stream = worker.stub.GenerateStream(call.request, timeout=self._timeout(context))
+                # However the caller's RPC ends (cancelled, out of time, failed), the worker's call
+                # ends with it and the worker aborts the engine request. Cancelling a finished
+                # call is a no-op.
+                context.add_done_callback(_cancel_on_done(stream))
+                try:
+                    async for chunk in self._relay(call, worker, stream):
+                        yield chunk
+                finally:
+                    stream.cancel()
+
+    async def ListWorkers(
+        self, request: router_pb2.ListWorkersRequest, context: _Context
+    ) -> router_pb2.ListWorkersResponse:
+        """The routing table, sorted by model then worker id."""
+        async with _RpcScope("ListWorkers", context, quiet=True):
+            rows = [
+                self._status(w)
+                for w in self.pool.workers()
+                if not request.model or w.model == request.model
+            ]
+            rows.sort(key=lambda r: (r.model, r.worker_id, r.address))
+            return router_pb2.ListWorkersResponse(workers=rows)
+
+    # -- steps of a generation --------------------------------------------------------------
+
+    async def _generate(
+        self,
+        request: generate_pb2.GenerateRequest,
+        request_id: str,
+        context: _Context,
+        scope: _RpcScope,
+    ) -> generate_pb2.GenerateResponse:
+        call = self._prepare(request, request_id, context, scope.started)
+        entry = await self._lookup(call, context)
+        if entry is not None:
+            scope.note(cached=True, worker_id=entry.worker_id)
+            summary = _cached_summary(entry, call.elapsed_ms())
+            metrics.TIME_TO_FIRST_TOKEN.labels("Generate", "true").observe(
+                summary.timings.total_ms / 1000.0
+            )
+            return generate_pb2.GenerateResponse(
+                request_id=request_id, model=request.model, text=entry.text, summary=summary
+            )
+        worker = self._pick(call)
+        scope.note(worker_id=worker.worker_id)
+        with self.pool.in_flight(worker):
+            try:
+                response = await worker.stub.Generate(call.request, timeout=self._timeout(context))
+            except grpc.aio.AioRpcError as exc:
+                raise self._worker_error(worker, exc) from None
+        summary = response.summary
+        total_ms = call.elapsed_ms()
+        # The router sees a unary answer only whole; its first token existed as long before the
+        # end as the worker says it spent generating after it.
+        after_first_ms = max(0.0, summary.timings.total_ms - summary.timings.time_to_first_token_ms)
+        self._complete_summary(summary, worker, total_ms, max(0.0, total_ms - after_first_ms))
+        metrics.TIME_TO_FIRST_TOKEN.labels("Generate", "false").observe(
+            summary.timings.time_to_first_token_ms / 1000.0
+        )
+        response.request_id = request_id
+        response.model = response.model or request.model
+        self._store(call, response.text, summary)
+        return response
+
+    def _prepare(
+        self,
+        request: generate_pb2.GenerateRequest,
+        request_id: str,
+        context: _Context,
+        started: float,
+    ) -> _Call:
+        """Validate and resolve everything that needs no network; raise what the caller gets."""
+        tenant = _tenant(context)
+        validate_request(request, self.limits)
+        known = self.pool.known_models
+        if request.model not in known:
+            message = (
+                f"model {request.model!r} is not served here; known models: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+            waiting = self.pool.never_answered()
+            if waiting:
+                message += f" ({waiting} worker(s) have not answered yet)"
+            raise errors.NotFound(message)
+        forward = generate_pb2.GenerateRequest()
+        forward.CopyFrom(request)
+        forward.request_id = request_id
+        key = ""
+        if reads_cache(request) or writes_cache(request):
+            key = cache_key(request, tenant=tenant, limits=self.limits)
+        return _Call(request=forward, tenant=tenant, key=key, started=started)
+
+    async def _lookup(self, call: _Call, context: _Context) -> cache_pb2.CacheEntry | None:
+        """The cached answer, if the request may use one and there is one."""
+        if not reads_cache(call.request):
+            return None
+        remaining: float | None = context.time_remaining()
+        entry = await self.cache.lookup(call.key, timeout=remaining)
+        if entry is None and call.request.cache_policy == generate_pb2.CACHE_POLICY_ONLY_IF_CACHED:
+            raise errors.NotFound(
+                "no cached answer for this request (cache_policy is CACHE_POLICY_ONLY_IF_CACHED)"
+            )
+        return entry
+
+    def _pick(self, call: _Call) -> Worker:
+        candidates = self.pool.healthy(call.request.model)
+        if not candidates:
+            raise errors.Unavailable(f"no healthy worker serves model {call.request.model!r}")
+        return self.policy.choose(candidates)
+
+    def _timeout(self, context: _Context) -> float:
+        """The worker's deadline: the caller's remaining time, or the router's maximum."""
+        remaining: float | None = context.time_remaining()
+        return self._max_request_time if remaining is None else max(0.0, remaining)
+
+    async def _relay(
+        self,
+        call: _Call,
+        worker: Worker,
+        stream: grpc.aio.UnaryStreamCall[
+            generate_pb2.GenerateRequest, generate_pb2.GenerateStreamResponse
+        ],
+    ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
+        """Relay the worker's chunks; complete the final one with the router's view."""
+        parts: list[str] = []
+        first_ms: float | None = None
+        finished = False
+        try:
+            # Read on to the end of the stream after the summary, so that the worker's call ends
+            # with its status rather than with a cancellation.
+            async for chunk in stream:
+                if finished:
+                    continue
+                if chunk.text:
+                    parts.append(chunk.text)
+                    if first_ms is None:
+                        first_ms = call.elapsed_ms()
+                        metrics.TIME_TO_FIRST_TOKEN.labels("GenerateStream", "false").observe(
+                            first_ms / 1000.0
+                        )
+                chunk.request_id = call.request.request_id
+                if chunk.HasField("summary"):
+                    total_ms = call.elapsed_ms()
+                    self._complete_summary(
+                        chunk.summary, worker, total_ms, total_ms if first_ms is None else first_ms
+                    )
+                    self._store(call, "".join(parts), chunk.summary)
+                    finished = True
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise self._worker_error(worker, exc) from None
+        if not finished:
+            raise errors.Unavailable(f"{worker.describe()} ended the stream without a summary")
+
+    def _complete_summary(
+        self,
+        summary: generate_pb2.GenerationSummary,
+        worker: Worker,
+        total_ms: float,
+        first_token_ms: float,
+    ) -> None:
+        """The worker's summary with the router's timings (queue time stays the worker's)."""
+        summary.cached = False
+        summary.worker_id = summary.worker_id or worker.worker_id
+        summary.model_version = summary.model_version or worker.model_version
+        summary.timings.time_to_first_token_ms = first_token_ms
+        summary.timings.total_ms = total_ms
+
+    def _store(self, call: _Call, text: str, summary: generate_pb2.GenerationSummary) -> None:
+        """Store a finished answer in the background when the request allows it."""
+        if summary.finish_reason not in _FINISHED or not writes_cache(call.request):
+            return
+        entry = cache_pb2.CacheEntry(
+            text=text,
+            finish_reason=summary.finish_reason,
+            usage=summary.usage,
+            created_at_ms=int(time.time() * 1000),
+            model_version=summary.model_version,
+            worker_id=summary.worker_id,
+            model=call.request.model,
+            tenant=call.tenant,
+        )
+        self.cache.store(call.key, entry, ttl_seconds=call.request.cache_ttl_seconds)
+
+    def _worker_error(self, worker: Worker, exc: grpc.aio.AioRpcError) -> errors.MeshError:
+        """What the caller gets for a failed worker call; a worker that seems gone gets no more
+        traffic until it answers again."""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.pool.mark_unavailable(worker, f"{exc.code().name}: {exc.details()}")
+        log.warning(
+            "worker call failed",
+            worker=worker.describe(),
+            code=exc.code().name,
+            details=exc.details(),
+        )
+        return errors.from_rpc_error(exc, peer=worker.describe())
+
+    def _status(self, worker: Worker) -> router_pb2.WorkerStatus:
+        return router_pb2.WorkerStatus(
+            worker_id=worker.worker_id,
+            address=worker.address,
+            model=worker.model,
+            engine=worker.engine,
+            state=worker.state.value,
+            in_flight=worker.in_flight,
+            capacity=worker.info.capacity if worker.info is not None else 0,
+            score=self.policy.score(worker),
+            last_report_age_ms=-1.0,
+        )
+
+
+class _RpcScope:
+    """One RPC: its exceptions become statuses (llmmesh.errors.grpc_errors); counted and logged."""
+
+    def __init__(self, method: str, context: _Context, *, quiet: bool = False) -> None:
+        self._method = method
+        self._context = context
+        self._quiet = quiet
+        self._errors = errors.grpc_errors(context)
+        self._fields: dict[str, Any] = {}
+        #: time.monotonic() when the RPC began.
+        self.started = time.monotonic()
+
+    def note(self, **fields: Any) -> None:
+        """Add fields to the line logged when the RPC ends."""
+        self._fields.update(fields)
+
+    async def __aenter__(self) -> _RpcScope:
+        self.started = time.monotonic()
+        await self._errors.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        elapsed = time.monotonic() - self.started
+        code, message = self._outcome(exc)
+        metrics.REQUESTS.labels(self._method, code).inc()
+        metrics.REQUEST_DURATION.labels(self._method).observe(elapsed)
+        if message is not None:
+            self._fields["error"] = message
+        if not self._quiet or code != "OK":
+            log.info(
+                "request finished" if code == "OK" else "request failed",
+                method=self._method,
+                code=code,
+                ms=round(elapsed * 1000.0, 3),
+                **self._fields,
+            )
+        await self._errors.__aexit__(exc_type, exc, tb)
+
+    def _outcome(self, exc: BaseException | None) -> tuple[str, str | None]:
+        if exc is None:
+            return "OK", None
+        if isinstance(exc, errors.MeshError):
+            return exc.code.name, exc.message
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining: float | None = self._context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                return "DEADLINE_EXCEEDED", "the caller's deadline passed"
+            return "CANCELLED", "the caller cancelled"
+        return "INTERNAL", type(exc).__name__
+
+
+def _cancel_on_done(call: grpc.aio.Call) -> grpc.aio.DoneCallback[Any, Any]:
+    """A done callback of the caller's RPC that cancels ``call``."""
+
+    def cancel(_: object) -> None:
+        call.cancel()
+
+    # grpc-stubs declares the callback type as a class; at run time any callable will do.
+    return cast("grpc.aio.DoneCallback[Any, Any]", cancel)
+
+
+def _tenant(context: _Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA_KEY:
+            tenant = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if not _TENANT.fullmatch(tenant):
+                raise errors.InvalidArgument(
+                    f"metadata {TENANT_METADATA_KEY}",
+                    "must be 1 to 64 characters among letters, digits, '.', '_' and '-'",
+                )
+            return tenant
+    return DEFAULT_TENANT
+
+
+def _cached_summary(
+    entry: cache_pb2.CacheEntry, elapsed_ms: float
+) -> generate_pb2.GenerationSummary:
+    return generate_pb2.GenerationSummary(
+        finish_reason=entry.finish_reason,
+        usage=entry.usage,
+        cached=True,
+        worker_id=entry.worker_id,
+        model_version=entry.model_version,
+        timings=generate_pb2.Timings(
+            queue_ms=0.0, time_to_first_token_ms=elapsed_ms, total_ms=elapsed_ms
+        ),
+    )
+
+
+def _cached_chunks(
+    call: _Call, entry: cache_pb2.CacheEntry, method: str
+) -> Sequence[generate_pb2.GenerateStreamResponse]:
+    """A cached answer as a stream: the text in a few pieces, then the summary."""
+    request_id = call.request.request_id
+    text = entry.text
+    chunks = [
+        generate_pb2.GenerateStreamResponse(
+            request_id=request_id, text=text[i : i + _CACHED_CHUNK_CHARS]
+        )
+        for i in range(0, len(text), _CACHED_CHUNK_CHARS)
+    ]
+    summary = _cached_summary(entry, call.elapsed_ms())
+    metrics.TIME_TO_FIRST_TOKEN.labels(method, "true").observe(summary.timings.total_ms / 1000.0)
+    chunks.append(generate_pb2.GenerateStreamResponse(request_id=request_id, summary=summary))
+    return chunks
+
+
+class RouterApp:
+    """The router as a :class:`llmmesh.server.ServiceApp`."""
+
+    service_names: Sequence[str] = (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,)
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        discovery: Discovery | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = WorkerPool(
+            discovery if discovery is not None else _discovery(config),
+            max_message_bytes=config.max_message_bytes,
+            close_grace=config.max_request_time,
+        )
+        self.service = RouterService(
+            self.pool,
+            policy if policy is not None else make_policy(config.policy),
+            limits=config.limits,
+            max_request_time=config.max_request_time,
+        )
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the Router servicer."""
+        router_pb2_grpc.add_RouterServicer_to_server(self.service, server)
+
+    async def start(self, runner: ServiceRunner) -> None:
+        """Connect to the cache, follow discovery, and give the workers a moment to answer."""
+        config = self.config
+        self.service.cache = open_cache(
+            config.cache_address,
+            timeout=config.cache_timeout,
+            max_message_bytes=config.max_message_bytes,
+        )
+        await self.pool.start()
+        await self.pool.wait_ready(timeout=2.0)
+        workers = self.pool.workers()
+        log.info(
+            "routing",
+            workers=len(workers),
+            healthy=sum(1 for w in workers if w.state is WorkerState.HEALTHY),
+            models=sorted(self.pool.known_models),
+            cache=config.cache_address or "disabled",
+            policy=self.service.policy.name,
+        )
+
+    async def drain(self) -> None:
+        """Nothing to deregister: the router is found by its address."""
+
+    async def close(self) -> None:
+        """Stop following workers and close every connection."""
+        try:
+            await self.pool.close()
+        finally:
+            await self.service.cache.close()
+
+
+def _discovery(config: RouterConfig) -> Discovery:
+    if config.discovery == "static":
+        return StaticDiscovery(config.workers)
+    raise ValueError(f"discovery: unknown discovery {config.discovery!r}")

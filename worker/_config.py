@@ -1,0 +1,131 @@
+"""The worker's configuration: every setting, read from flags and ``LLMMESH_*`` in one place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from llmmesh import settings
+from llmmesh.server import ServerSettings
+from llmmesh.validation import Limits
+
+#: A prompt may have at most this many characters per allowed token before it is even tokenized
+#: (a cheap bound; the token limit is the one that matters).
+CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig(ServerSettings):
+    """How a worker serves: its engine, model, admission bounds and request limits."""
+
+    port: int = field(default=50061, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(
+        default=9402,
+        metadata={"help": "Prometheus metrics HTTP port (0 picks a free one, -1 disables)"},
+    )
+    engine: Literal["sim"] = field(default="sim", metadata={"help": "inference engine"})
+    model: str = field(default="sim-llama-3.1-8b", metadata={"help": "name of the model served"})
+    model_version: str = field(
+        default="sim-1", metadata={"help": "version of the model (checkpoint or engine build)"}
+    )
+    worker_id: str = field(default="", metadata={"help": "id in the mesh (default: HOSTNAME-PORT)"})
+    capacity: int = field(
+        default=64, metadata={"help": "requests the engine runs at once (max batch size)"}
+    )
+    max_queued: int = field(
+        default=256,
+        metadata={"help": "requests that may wait beyond capacity before RESOURCE_EXHAUSTED"},
+    )
+    load_report_interval: timedelta = field(
+        default=timedelta(milliseconds=200),
+        metadata={"help": "WatchLoad report interval when the caller asks for none"},
+    )
+    default_max_tokens: int = field(
+        default=256, metadata={"help": "max_tokens when a request leaves it unset"}
+    )
+    max_tokens_limit: int = field(
+        default=4096, metadata={"help": "largest max_tokens a request may ask for"}
+    )
+    max_prompt_tokens: int = field(
+        default=32_768, metadata={"help": "largest prompt accepted, in tokens"}
+    )
+    sim_first_token_delay: timedelta = field(
+        default=timedelta(milliseconds=7),
+        metadata={"help": "sim: prefill time of a 128-token prompt (batch-1 time to first token)"},
+    )
+    sim_prefill_per_1k_tokens: timedelta = field(
+        default=timedelta(milliseconds=15.1),
+        metadata={"help": "sim: extra prefill time per 1000 prompt tokens beyond 128"},
+    )
+    sim_token_delay: timedelta = field(
+        default=timedelta(milliseconds=7),
+        metadata={"help": "sim: duration of one decode step (one token per running request)"},
+    )
+    sim_speed_factor: float = field(
+        default=1.0, metadata={"help": "sim: divides every delay (10 = ten times faster)"}
+    )
+    sim_kv_blocks: int = field(default=8192, metadata={"help": "sim: KV cache size, in blocks"})
+    sim_tokens_per_block: int = field(
+        default=32, metadata={"help": "sim: tokens per KV cache block"}
+    )
+    sim_min_answer_tokens: int = field(
+        default=32, metadata={"help": "sim: shortest natural answer, in tokens"}
+    )
+    sim_max_answer_tokens: int = field(
+        default=1024, metadata={"help": "sim: longest natural answer, in tokens"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("capacity", "max_prompt_tokens", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued: must be >= 0 (got {self.max_queued})")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens: must be in 1..max_tokens_limit={self.max_tokens_limit} "
+                f"(got {self.default_max_tokens})"
+            )
+        if self.load_report_interval <= timedelta(0):
+            raise ValueError("load_report_interval: must be positive")
+        if not (math.isfinite(self.sim_speed_factor) and self.sim_speed_factor > 0):
+            raise ValueError(f"sim_speed_factor: must be > 0 (got {self.sim_speed_factor})")
+        for name in ("sim_first_token_delay", "sim_prefill_per_1k_tokens", "sim_token_delay"):
+            if getattr(self, name) < timedelta(0):
+                raise ValueError(f"{name}: must not be negative")
+        if self.sim_kv_blocks < 1 or self.sim_tokens_per_block < 1:
+            raise ValueError("sim_kv_blocks, sim_tokens_per_block: must be >= 1")
+        if not 1 <= self.sim_min_answer_tokens <= self.sim_max_answer_tokens:
+            raise ValueError(
+                "sim_min_answer_tokens: must be >= 1 and <= sim_max_answer_tokens "
+                f"(got {self.sim_min_answer_tokens} and {self.sim_max_answer_tokens})"
+            )
+
+    @property
+    def limits(self) -> Limits:
+        """The bounds the worker validates each request against."""
+        return Limits(
+            default_max_tokens=self.default_max_tokens,
+            max_tokens_limit=self.max_tokens_limit,
+            max_prompt_chars=self.max_prompt_tokens * CHARS_PER_TOKEN_BOUND,
+        )
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> WorkerConfig:
+    """The worker's configuration from flags, then ``LLMMESH_*`` variables, then defaults."""
+    return settings.load(
+        WorkerConfig,
+        prog="python -m worker",
+        description="llm-mesh worker: serves one model from one inference engine over gRPC.",
+        argv=argv,
+        environ=environ,
+    )
+
+
+__all__ = ["WorkerConfig", "load_config"]

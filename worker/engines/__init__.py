@@ -1,0 +1,61 @@
+"""Inference engines behind one interface, and the factory that picks one from the config.
+
+- :mod:`worker.engines._base`: the :class:`Engine` protocol and the values it exchanges;
+- :mod:`worker.engines.sim`: the simulated engine (continuous batching, KV budget, determinism).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from worker.engines._base import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    LoadSnapshot,
+    TextDelta,
+)
+from worker.engines.sim import SimEngine, SimSettings
+
+if TYPE_CHECKING:
+    from worker._config import WorkerConfig
+
+
+def create_engine(config: WorkerConfig) -> Engine:
+    """The engine ``config.engine`` names, configured from ``config``."""
+    if config.engine == "sim":
+        return SimEngine(
+            SimSettings(
+                model=config.model,
+                model_version=config.model_version,
+                capacity=config.capacity,
+                max_prompt_tokens=config.max_prompt_tokens,
+                first_token_delay=config.sim_first_token_delay,
+                prefill_per_1k_tokens=config.sim_prefill_per_1k_tokens,
+                token_delay=config.sim_token_delay,
+                speed_factor=config.sim_speed_factor,
+                kv_blocks=config.sim_kv_blocks,
+                tokens_per_block=config.sim_tokens_per_block,
+                min_answer_tokens=config.sim_min_answer_tokens,
+                max_answer_tokens=config.sim_max_answer_tokens,
+            )
+        )
+    raise ValueError(f"engine: unknown engine {config.engine!r}")  # pragma: no cover
+
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineError",
+    "EngineInfo",
+    "EngineRequest",
+    "FinishReason",
+    "LoadSnapshot",
+    "SimEngine",
+    "SimSettings",
+    "TextDelta",
+    "create_engine",
+]

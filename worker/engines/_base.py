@@ -1,0 +1,132 @@
+"""The one interface between the worker service and an inference engine.
+
+The service depends only on :class:`Engine`; each backend (the simulator now; TensorRT-LLM,
+Triton and Hugging Face later) implements it and translates its own failures into
+:class:`EngineError`, which the service turns into a gRPC status in one place.
+
+A request's life in an engine::
+
+    generate(request) ──▶ TextDelta, TextDelta, ... ──▶ Completion   (exactly one, always last)
+                              │
+    abort(request_id) ────────┘  frees the batch slot and KV blocks at once; the stream then
+                                 ends with Completion(finish_reason="cancelled")
+
+Times are ``time.monotonic()`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from llmmesh.validation import Sampling
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+
+
+class EngineError(Exception):
+    """The engine failed (crashed, stopped, unreachable); the request did not complete."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineRequest:
+    """One generation, as the worker hands it to its engine."""
+
+    #: Unique among the engine's live requests; :meth:`Engine.abort` takes it.
+    request_id: str
+    #: The prompt text (chat messages already rendered with the chat template).
+    prompt: str
+    #: Sampling parameters with every default filled in.
+    sampling: Sampling
+    #: ``time.monotonic()`` after which the engine ends the request with finish "timeout".
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Text generated since the previous delta (never empty)."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Completion:
+    """The end of a generation: always the last item of :meth:`Engine.generate`."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    #: Seconds the request waited in the engine's queue before it was scheduled.
+    queue_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSnapshot:
+    """The engine's load now, shaped after TensorRT-LLM's iteration statistics."""
+
+    #: Requests scheduled in the running batch.
+    active: int
+    #: Requests submitted and waiting for a batch slot or KV blocks.
+    queued: int
+    #: Most requests the engine runs at once (max batch size).
+    capacity: int
+    #: Fraction of KV cache blocks in use, in [0, 1].
+    kv_cache_used_fraction: float
+    #: False once the engine has failed or stopped.
+    healthy: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineInfo:
+    """What an engine serves."""
+
+    engine: str
+    model: str
+    model_version: str
+    capacity: int
+    max_prompt_tokens: int
+
+
+class Engine(Protocol):
+    """An inference engine with continuous batching, as the worker service drives it.
+
+    Implementations are used from one asyncio event loop and must keep ``generate`` cheap per
+    token: hundreds of concurrent streams are normal.
+    """
+
+    async def start(self) -> None:
+        """Load the model / connect; after this, :meth:`generate` accepts requests."""
+
+    async def stop(self) -> None:
+        """Finish every live request with "cancelled" and release the engine. Idempotent."""
+
+    def generate(self, request: EngineRequest) -> AsyncGenerator[TextDelta | Completion, None]:
+        """Submit ``request`` and stream its text, ending with exactly one :class:`Completion`.
+
+        Raises :class:`EngineError` (while iterating) when the engine cannot serve it. Closing
+        the generator early (``aclose()``) aborts the request, as :meth:`abort` does.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a queued or running request at once, freeing its slot and KV cache.
+
+        Its stream then ends with finish "cancelled". Unknown or finished ids are ignored.
+        """
+
+    def count_tokens(self, text: str) -> int:
+        """How many prompt tokens ``text`` is, for the worker's prompt length limit."""
+        ...
+
+    def load(self) -> LoadSnapshot:
+        """The load now (cheap: called on every report and admission)."""
+        ...
+
+    async def wait_load_change(self, timeout: float) -> bool:
+        """Wait until active or queued counts change; False when ``timeout`` passed first."""
+        ...
+
+    def info(self) -> EngineInfo:
+        """What the engine serves."""
+        ...
