@@ -85,8 +85,11 @@ def main() -> int:
     updated = _replace(text, new)
     if args.check:
         if updated != text:
-            print("README.md's configuration reference is stale; run "
-                  "`python scripts/config_reference.py --write`", file=sys.stderr)
+            print(
+                "README.md's configuration reference is stale; run "
+                "`python scripts/config_reference.py --write`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(updated)
