@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, generate_pb2, router_pb2, router_pb2_grpc
 from tests.harness import RedisServer, ServiceProcess, assert_eventually
@@ -182,6 +186,21 @@ class TestGeneration:
         assert sorted(w.worker_id for w in table.workers) == ["w1", "w2"]
         assert {w.model for w in table.workers} == {MODEL}
         assert {w.state for w in table.workers} == {router_pb2.WORKER_STATE_HEALTHY}
+
+
+class TestReflection:
+    """A client with no .proto files can discover the API through server reflection."""
+
+    def test_router_describes_its_api(self, mesh: Mesh) -> None:
+        """Reflection lists llmmesh.v1.Router and resolves its request message."""
+        with grpc.insecure_channel(mesh.router.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = set(database.get_services())
+            assert {"llmmesh.v1.Router", "grpc.health.v1.Health"} <= services
+            pool = descriptor_pool.DescriptorPool(database)
+            method = pool.FindServiceByName("llmmesh.v1.Router").FindMethodByName("GenerateStream")
+            assert method.input_type.full_name == "llmmesh.v1.GenerateRequest"
+            assert method.server_streaming
 
 
 class TestCache:
