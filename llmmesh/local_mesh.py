@@ -38,7 +38,7 @@ from typing import Any, Literal, TextIO
 import grpc
 
 from llmmesh import cli
-from llmmesh.server import _write_json_atomically, free_port
+from llmmesh.server import write_json_atomically, free_port
 from llmmesh.v1 import generate_pb2, router_pb2_grpc
 
 TRY_TIMEOUT_S = 30.0
@@ -334,7 +334,7 @@ class LocalMesh:
         starting.result()
         self._announce()
         if self.config.ready_file:
-            _write_json_atomically(Path(self.config.ready_file), self._ready_info())
+            write_json_atomically(Path(self.config.ready_file), self._ready_info())
         if self.config.try_prompt:
             self._spawn(self._try(self.config.try_prompt))
         return await self._watch()

@@ -171,7 +171,7 @@ class ServiceRunner:
         await self.app.start(self)
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
         if s.ready_file:
-            _write_json_atomically(
+            write_json_atomically(
                 Path(s.ready_file),
                 {"pid": os.getpid(), "port": self.port, "metrics_port": self.metrics_port},
             )
@@ -246,7 +246,8 @@ class ServiceRunner:
         await self.shutdown()
 
 
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON so that a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
@@ -282,4 +283,5 @@ __all__ = [
     "grpc_channel_options",
     "grpc_server_options",
     "run_service",
+    "write_json_atomically",
 ]
