@@ -38,7 +38,7 @@ from typing import Any, Literal, TextIO
 import grpc
 
 from llmmesh import cli
-from llmmesh.server import write_json_atomically, free_port
+from llmmesh.server import free_port, write_json_atomically
 from llmmesh.v1 import generate_pb2, router_pb2_grpc
 
 TRY_TIMEOUT_S = 30.0
