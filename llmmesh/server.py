@@ -177,6 +177,19 @@ class ServiceRunner:
             )
         log.info("serving", address=self.address, metrics_port=self.metrics_port)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING (e.g. when a worker's engine fails or recovers).
+
+        Once shutdown has begun the service stays NOT_SERVING whatever is asked.
+        """
+        if serving and self._shutdown_task is not None:
+            return
+        await self._set_all(
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
     async def shutdown(self, *, grace: timedelta | None = None) -> None:
         """Drain and stop. Idempotent: later calls wait for the first one to finish."""
         if self._shutdown_task is None:

@@ -9,7 +9,7 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -439,6 +439,17 @@ class UnhealthyEngine(SimEngine):
         return replace(super().load(), healthy=False)
 
 
+class FlakyEngine(SimEngine):
+    """A simulator whose health a test switches off and on."""
+
+    def __init__(self) -> None:
+        super().__init__(SimSettings(token_delay=timedelta(milliseconds=1)))
+        self.healthy = True
+
+    def load(self) -> LoadSnapshot:
+        return replace(super().load(), healthy=self.healthy)
+
+
 class TestEngineFailures:
     """Engine failures reach the caller as UNAVAILABLE (or INTERNAL), never as a traceback."""
 
@@ -469,6 +480,40 @@ class TestEngineFailures:
                 await w.stub.Generate(generate_request(), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "unhealthy" in (caught.value.details() or "")
+
+    async def test_engine_failure_turns_health_not_serving_until_it_recovers(self) -> None:
+        """gRPC health follows the engine: NOT_SERVING while it is unhealthy, then SERVING."""
+        engine = FlakyEngine()
+        async with (
+            serve(engine=engine) as w,
+            grpc.aio.insecure_channel(w.runner.address) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service="llmmesh.v1.Worker"), timeout=5
+                )
+                return int(reply.status)
+
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            engine.healthy = False
+            await assert_eventually(
+                lambda: _equals(status(), health_pb2.HealthCheckResponse.NOT_SERVING),
+                timeout=5,
+                message="health never became NOT_SERVING",
+            )
+            assert prometheus_client.REGISTRY.get_sample_value("llmmesh_worker_engine_healthy") == 0
+            engine.healthy = True
+            await assert_eventually(
+                lambda: _equals(status(), health_pb2.HealthCheckResponse.SERVING),
+                timeout=5,
+                message="health never came back to SERVING",
+            )
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 class TestConfig:

@@ -26,7 +26,13 @@ class WorkerConfig(ServerSettings):
         default=9402,
         metadata={"help": "Prometheus metrics HTTP port (0 picks a free one, -1 disables)"},
     )
-    engine: Literal["sim"] = field(default="sim", metadata={"help": "inference engine"})
+    engine: Literal["sim", "trtllm", "triton", "hf"] = field(
+        default="sim",
+        metadata={
+            "help": "inference engine: sim (simulated GPU), trtllm (TensorRT-LLM in-process), "
+            "triton (a Triton server with the TensorRT-LLM backend), hf (transformers)"
+        },
+    )
     model: str = field(default="sim-llama-3.1-8b", metadata={"help": "name of the model served"})
     model_version: str = field(
         default="sim-1", metadata={"help": "version of the model (checkpoint or engine build)"}
@@ -78,8 +84,69 @@ class WorkerConfig(ServerSettings):
         default=1024, metadata={"help": "sim: longest natural answer, in tokens"}
     )
 
+    model_path: str = field(
+        default="",
+        metadata={
+            "help": "trtllm: checkpoint or engine directory (or HF model id); hf: local model "
+            "directory (required by trtllm and hf)"
+        },
+    )
+    tokenizer_path: str = field(
+        default="", metadata={"help": "trtllm/hf: tokenizer directory (default: model_path)"}
+    )
+    trtllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "trtllm: GPUs to shard the model over (tensor parallelism)"}
+    )
+    trtllm_max_num_tokens: int = field(
+        default=8192, metadata={"help": "trtllm: most tokens (prefill + decode) per iteration"}
+    )
+    trtllm_max_seq_len: int = field(
+        default=0, metadata={"help": "trtllm: longest sequence (prompt + output); 0: the model's"}
+    )
+    trtllm_kv_cache_free_gpu_memory_fraction: float = field(
+        default=0.9, metadata={"help": "trtllm: fraction of free GPU memory for the KV cache"}
+    )
+    trtllm_enable_block_reuse: bool = field(
+        default=True, metadata={"help": "trtllm: reuse KV cache blocks of shared prompt prefixes"}
+    )
+    trtllm_dtype: str = field(
+        default="auto", metadata={"help": "trtllm: weight/activation dtype (auto, float16, ...)"}
+    )
+    trtllm_quantization: str = field(
+        default="",
+        metadata={
+            "help": "trtllm: quantization algorithm for an unquantized checkpoint (e.g. FP8, "
+            "NVFP4, W4A16_AWQ); a pre-quantized checkpoint is detected by TensorRT-LLM itself"
+        },
+    )
+    trtllm_stream_interval: int = field(
+        default=1, metadata={"help": "trtllm: tokens generated per streamed update"}
+    )
+    triton_url: str = field(
+        default="127.0.0.1:8001", metadata={"help": "triton: gRPC address of the Triton server"}
+    )
+    triton_model: Literal["ensemble", "tensorrt_llm_bls"] = field(
+        default="ensemble", metadata={"help": "triton: model to call in inflight_batcher_llm"}
+    )
+    triton_metrics_url: str = field(
+        default="http://127.0.0.1:8002/metrics",
+        metadata={"help": "triton: Prometheus metrics URL, read for load reports"},
+    )
+    hf_device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "hf: device (auto: cuda when available, else cpu)"}
+    )
+    hf_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(
+        default="auto", metadata={"help": "hf: weight dtype (auto: bfloat16 on cuda, else float32)"}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.engine in ("trtllm", "hf") and not self.model_path:
+            raise ValueError(f"model_path: the {self.engine} engine needs a model directory")
+        if self.trtllm_tensor_parallel_size < 1:
+            raise ValueError("trtllm_tensor_parallel_size: must be >= 1")
+        if not 0 < self.trtllm_kv_cache_free_gpu_memory_fraction <= 1:
+            raise ValueError("trtllm_kv_cache_free_gpu_memory_fraction: must be in (0, 1]")
         for name in ("capacity", "max_prompt_tokens", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")

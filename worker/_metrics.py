@@ -31,6 +31,10 @@ ABORTED_REQUESTS = Counter(
     "Engine requests aborted before they finished, by reason (cancelled, deadline, error).",
     ["reason"],
 )
+ENGINE_HEALTHY = Gauge(
+    "llmmesh_worker_engine_healthy", "1 while the engine is healthy, 0 after it failed."
+)
+ENGINE_HEALTHY.set(1)
 
 
 def record_load(load: LoadSnapshot) -> None:
@@ -43,6 +47,7 @@ def record_load(load: LoadSnapshot) -> None:
 __all__ = [
     "ABORTED_REQUESTS",
     "ACTIVE_REQUESTS",
+    "ENGINE_HEALTHY",
     "GENERATED_TOKENS",
     "KV_CACHE_USED",
     "QUEUED_REQUESTS",

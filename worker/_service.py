@@ -60,8 +60,8 @@ SERVICE_NAME = "llmmesh.v1.Worker"
 MIN_REPORT_GAP_S = 0.02
 #: The shortest report interval a caller may ask for.
 MIN_REPORT_INTERVAL_S = 0.01
-#: How often engine load gauges are refreshed when nothing changes.
-GAUGE_REFRESH_S = 1.0
+#: How often engine load gauges and engine health are checked when nothing changes.
+GAUGE_REFRESH_S = 0.5
 
 _FINISH_REASONS = {
     "stop": generate_pb2.FINISH_REASON_STOP,
@@ -94,6 +94,8 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         self._load_changed = asyncio.Event()
         self._engine_ids = itertools.count(1)
         self._pump: asyncio.Task[None] | None = None
+        self._runner: ServiceRunner | None = None
+        self._engine_healthy = True
 
     # -- ServiceApp ----------------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
             raise RuntimeError("worker already started")
         if not self.worker_id:
             self.worker_id = f"{socket.gethostname()}-{runner.port}"
+        self._runner = runner
         await self.engine.start()
         self._pump = asyncio.create_task(self._pump_load(), name="worker-load")
         info = self.engine.info()
@@ -409,9 +412,27 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
                 log.error("engine load unavailable", error=str(exc))
                 changed = True
                 await asyncio.sleep(GAUGE_REFRESH_S)
-            metrics.record_load(self.engine.load())
+            load = self.engine.load()
+            metrics.record_load(load)
+            if load.healthy != self._engine_healthy:
+                await self._on_engine_health(load.healthy)
+                changed = True
             if changed:
                 self._notify_load()
+
+    async def _on_engine_health(self, healthy: bool) -> None:
+        """An engine that fails makes the worker NOT_SERVING until it recovers."""
+        self._engine_healthy = healthy
+        info = self.engine.info()
+        if healthy:
+            log.info("engine recovered", engine=info.engine, model=info.model)
+        else:
+            log.error(
+                "engine unhealthy: reporting NOT_SERVING", engine=info.engine, model=info.model
+            )
+        metrics.ENGINE_HEALTHY.set(1 if healthy else 0)
+        if self._runner is not None and not self._draining:
+            await self._runner.set_serving(healthy)
 
 
 __all__ = ["SERVICE_NAME", "WorkerApp", "new_request_id"]

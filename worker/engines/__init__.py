@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 
 def create_engine(config: WorkerConfig) -> Engine:
-    """The engine ``config.engine`` names, configured from ``config``."""
+    """The engine ``config.engine`` names, configured from ``config``.
+
+    The GPU engines import their packages (tensorrt_llm, tritonclient, torch and transformers)
+    only here, so a worker that does not use them runs without them installed.
+    """
     if config.engine == "sim":
         return SimEngine(
             SimSettings(
@@ -43,6 +47,18 @@ def create_engine(config: WorkerConfig) -> Engine:
                 max_answer_tokens=config.sim_max_answer_tokens,
             )
         )
+    if config.engine == "trtllm":
+        from worker.engines.trtllm import TrtllmEngine
+
+        return TrtllmEngine.from_config(config)
+    if config.engine == "triton":
+        from worker.engines.triton import TritonEngine
+
+        return TritonEngine.from_config(config)
+    if config.engine == "hf":
+        from worker.engines.hf import HfEngine
+
+        return HfEngine.from_config(config)
     raise ValueError(f"engine: unknown engine {config.engine!r}")  # pragma: no cover
 
 
