@@ -36,6 +36,7 @@ from worker.engines import (
     SimEngine,
     SimSettings,
     TextDelta,
+    create_engine,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -522,8 +523,13 @@ class TestConfig:
     def test_defaults(self) -> None:
         config = load_config([], environ={})
         assert (config.port, config.metrics_port, config.engine) == (50061, 9402, "sim")
-        assert (config.model, config.capacity, config.max_queued) == (MODEL, 64, 256)
+        assert (config.model, config.capacity, config.max_queued) == ("", 64, 256)
         assert config.load_report_interval == timedelta(milliseconds=200)
+
+    def test_sim_serves_its_default_model_when_none_is_named(self) -> None:
+        """An unnamed model on the sim engine is sim-llama-3.1-8b, version sim-1."""
+        info = create_engine(load_config([], environ={})).info()
+        assert (info.model, info.model_version) == (MODEL, "sim-1")
 
     def test_flags_and_environment(self) -> None:
         config = load_config(

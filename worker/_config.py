@@ -33,9 +33,19 @@ class WorkerConfig(ServerSettings):
             "triton (a Triton server with the TensorRT-LLM backend), hf (transformers)"
         },
     )
-    model: str = field(default="sim-llama-3.1-8b", metadata={"help": "name of the model served"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "name of the model served, as requests name it (default: sim-llama-3.1-8b "
+            "for sim, the model directory's name for trtllm and hf, the Triton model for triton)"
+        },
+    )
     model_version: str = field(
-        default="sim-1", metadata={"help": "version of the model (checkpoint or engine build)"}
+        default="",
+        metadata={
+            "help": "version of the model (default: sim-1 for sim, the checkpoint's commit or "
+            "directory name for trtllm and hf, the Triton model for triton)"
+        },
     )
     worker_id: str = field(default="", metadata={"help": "id in the mesh (default: HOSTNAME-PORT)"})
     capacity: int = field(
@@ -64,11 +74,27 @@ class WorkerConfig(ServerSettings):
     )
     sim_prefill_per_1k_tokens: timedelta = field(
         default=timedelta(milliseconds=15.1),
-        metadata={"help": "sim: extra prefill time per 1000 prompt tokens beyond 128"},
+        metadata={"help": "sim: prefill time per 1000 uncached prompt tokens"},
     )
     sim_token_delay: timedelta = field(
         default=timedelta(milliseconds=7),
-        metadata={"help": "sim: duration of one decode step (one token per running request)"},
+        metadata={"help": "sim: duration of a decode step at batch size 1"},
+    )
+    sim_token_delay_per_request: timedelta = field(
+        default=timedelta(microseconds=16),
+        metadata={"help": "sim: what each further generating request adds to a decode step"},
+    )
+    sim_max_num_tokens: int = field(
+        default=8192,
+        metadata={
+            "help": "sim: most tokens per iteration (prompt chunks plus one per generating request)"
+        },
+    )
+    sim_enable_block_reuse: bool = field(
+        default=True,
+        metadata={
+            "help": "sim: share KV blocks of identical prompt prefixes (no prefill for them)"
+        },
     )
     sim_speed_factor: float = field(
         default=1.0, metadata={"help": "sim: divides every delay (10 = ten times faster)"}
@@ -161,11 +187,18 @@ class WorkerConfig(ServerSettings):
             raise ValueError("load_report_interval: must be positive")
         if not (math.isfinite(self.sim_speed_factor) and self.sim_speed_factor > 0):
             raise ValueError(f"sim_speed_factor: must be > 0 (got {self.sim_speed_factor})")
-        for name in ("sim_first_token_delay", "sim_prefill_per_1k_tokens", "sim_token_delay"):
+        for name in (
+            "sim_first_token_delay",
+            "sim_prefill_per_1k_tokens",
+            "sim_token_delay",
+            "sim_token_delay_per_request",
+        ):
             if getattr(self, name) < timedelta(0):
                 raise ValueError(f"{name}: must not be negative")
         if self.sim_kv_blocks < 1 or self.sim_tokens_per_block < 1:
             raise ValueError("sim_kv_blocks, sim_tokens_per_block: must be >= 1")
+        if self.sim_max_num_tokens < 1:
+            raise ValueError(f"sim_max_num_tokens: must be >= 1 (got {self.sim_max_num_tokens})")
         if not 1 <= self.sim_min_answer_tokens <= self.sim_max_answer_tokens:
             raise ValueError(
                 "sim_min_answer_tokens: must be >= 1 and <= sim_max_answer_tokens "

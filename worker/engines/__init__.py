@@ -20,6 +20,10 @@ from worker.engines._base import (
 )
 from worker.engines.sim import SimEngine, SimSettings
 
+#: What the simulator serves when the configuration names no model or version.
+SIM_DEFAULT_MODEL = "sim-llama-3.1-8b"
+SIM_DEFAULT_MODEL_VERSION = "sim-1"
+
 if TYPE_CHECKING:
     from worker._config import WorkerConfig
 
@@ -33,13 +37,16 @@ def create_engine(config: WorkerConfig) -> Engine:
     if config.engine == "sim":
         return SimEngine(
             SimSettings(
-                model=config.model,
-                model_version=config.model_version,
+                model=config.model or SIM_DEFAULT_MODEL,
+                model_version=config.model_version or SIM_DEFAULT_MODEL_VERSION,
                 capacity=config.capacity,
                 max_prompt_tokens=config.max_prompt_tokens,
                 first_token_delay=config.sim_first_token_delay,
                 prefill_per_1k_tokens=config.sim_prefill_per_1k_tokens,
                 token_delay=config.sim_token_delay,
+                token_delay_per_request=config.sim_token_delay_per_request,
+                max_num_tokens=config.sim_max_num_tokens,
+                enable_block_reuse=config.sim_enable_block_reuse,
                 speed_factor=config.sim_speed_factor,
                 kv_blocks=config.sim_kv_blocks,
                 tokens_per_block=config.sim_tokens_per_block,
