@@ -51,7 +51,15 @@ from llmmesh.validation import effective_sampling, validate_request
 from worker import _metrics as metrics
 from worker._chat import prompt_of
 from worker._config import WorkerConfig
-from worker.engines import Completion, Engine, EngineError, EngineRequest, TextDelta, create_engine
+from worker.engines import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineRequest,
+    TextDelta,
+    create_engine,
+    wait_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -188,9 +196,7 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
                 if self._draining:
                     return  # the final report said serving=false; let shutdown proceed
                 sent = time.monotonic()
-                try:
-                    await asyncio.wait_for(changed.wait(), interval)
-                except TimeoutError:
+                if not await wait_event(changed, interval):
                     continue
                 gap = min(interval, MIN_REPORT_GAP_S) - (time.monotonic() - sent)
                 if gap > 0 and not self._draining:

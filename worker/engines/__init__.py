@@ -17,6 +17,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     TextDelta,
+    wait_event,
 )
 from worker.engines.sim import SimEngine, SimSettings
 
@@ -81,4 +82,5 @@ __all__ = [
     "SimSettings",
     "TextDelta",
     "create_engine",
+    "wait_event",
 ]

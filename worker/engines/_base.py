@@ -16,6 +16,7 @@ Times are ``time.monotonic()`` seconds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -23,6 +24,20 @@ from typing import Literal, Protocol
 from llmmesh.validation import Sampling
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set; False when ``timeout`` seconds pass first.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can swallow a
+    cancellation that arrives as its timeout fires, and these waits are cancelled at shutdown.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class EngineError(Exception):

@@ -63,6 +63,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     TextDelta,
+    wait_event,
 )
 
 if TYPE_CHECKING:
@@ -462,12 +463,7 @@ class HfEngine:
         )
 
     async def wait_load_change(self, timeout: float) -> bool:
-        changed = self._load_changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._load_changed, timeout)
 
     def info(self) -> EngineInfo:
         s = self.settings

@@ -99,6 +99,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     TextDelta,
+    wait_event,
 )
 
 log = structlog.get_logger(__name__)
@@ -438,15 +439,7 @@ class SimEngine:
         )
 
     async def wait_load_change(self, timeout: float) -> bool:
-        changed = self._load_changed
-        try:
-            # asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow a cancellation
-            # that arrives as its timeout fires, and the worker cancels this wait at close().
-            async with asyncio.timeout(timeout):
-                await changed.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._load_changed, timeout)
 
     def info(self) -> EngineInfo:
         s = self.settings

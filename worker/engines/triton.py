@@ -72,6 +72,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     TextDelta,
+    wait_event,
 )
 
 if TYPE_CHECKING:
@@ -707,12 +708,7 @@ class TritonEngine:
         )
 
     async def wait_load_change(self, timeout: float) -> bool:
-        changed = self._load_changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._load_changed, timeout)
 
     def info(self) -> EngineInfo:
         s = self.settings
@@ -840,8 +836,7 @@ class TritonEngine:
 
     async def _watch_health(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._recheck.wait(), self.settings.health_interval)
+            await wait_event(self._recheck, self.settings.health_interval)
             self._recheck.clear()
             ready, why = await self._probe()
             self._set_healthy(ready, why)
