@@ -44,6 +44,44 @@ class EngineError(Exception):
     """The engine failed (crashed, stopped, unreachable); the request did not complete."""
 
 
+class Outbox:
+    """What an engine has produced for one request and its ``generate`` stream has not yet read.
+
+    The engine appends text to ``pending`` and sets ``wake``; it ends the request by setting
+    ``done`` (a :class:`Completion`) or ``error``, then ``wake``. :meth:`stream` hands it all to
+    the caller, coalescing text that piled up between two reads into one delta.
+    """
+
+    __slots__ = ("done", "error", "pending", "wake")
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+        self.done: Completion | None = None
+        self.error: EngineError | None = None
+        self.wake = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        """True once the request has a completion or an error."""
+        return self.done is not None or self.error is not None
+
+    async def stream(self) -> AsyncGenerator[TextDelta | Completion, None]:
+        """Text deltas as they arrive, then the completion (or the error, raised)."""
+        while True:
+            if not self.pending and not self.finished:
+                self.wake.clear()
+                await self.wake.wait()
+            if self.pending:
+                text = "".join(self.pending)
+                self.pending.clear()
+                yield TextDelta(text)
+            elif self.error is not None:
+                raise self.error
+            elif self.done is not None:
+                yield self.done
+                return
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineRequest:
     """One generation, as the worker hands it to its engine."""

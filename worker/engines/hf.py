@@ -62,6 +62,7 @@ from worker.engines._base import (
     EngineRequest,
     FinishReason,
     LoadSnapshot,
+    Outbox,
     TextDelta,
     wait_event,
 )
@@ -155,27 +156,24 @@ class IncrementalDecoder:
         return text
 
 
-class _Live:
+class _Live(Outbox):
     """A request inside the engine, from submission to completion (owned by the event loop,
     except ``generated``, which its generating thread updates)."""
 
     __slots__ = (
-        "done",
-        "error",
         "generated",
         "id",
         "interrupt",
         "max_new_tokens",
-        "pending",
         "prompt_ids",
         "request",
         "scheduled_at",
         "submitted_at",
         "timer",
-        "wake",
     )
 
     def __init__(self, request: EngineRequest, prompt_ids: list[int], max_new_tokens: int) -> None:
+        super().__init__()
         self.request = request
         self.id = request.request_id
         self.prompt_ids = prompt_ids
@@ -187,10 +185,6 @@ class _Live:
         #: Set to end the generation at the next token (abort, deadline, stop string).
         self.interrupt = threading.Event()
         self.timer: asyncio.TimerHandle | None = None
-        self.pending: list[str] = []
-        self.done: Completion | None = None
-        self.error: EngineError | None = None
-        self.wake = asyncio.Event()
 
 
 class _TokenStream:
@@ -423,21 +417,10 @@ class HfEngine:
     ) -> AsyncGenerator[TextDelta | Completion, None]:
         live = self._submit(request)
         try:
-            while True:
-                if not live.pending and live.done is None and live.error is None:
-                    live.wake.clear()
-                    await live.wake.wait()
-                if live.pending:
-                    text = "".join(live.pending)
-                    live.pending.clear()
-                    yield TextDelta(text)
-                elif live.error is not None:
-                    raise live.error
-                elif live.done is not None:
-                    yield live.done
-                    return
+            async for item in live.stream():
+                yield item
         finally:
-            if live.done is None and live.error is None:
+            if not live.finished:
                 self._finish(live, "cancelled")
 
     async def abort(self, request_id: str) -> None:

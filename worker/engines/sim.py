@@ -98,6 +98,7 @@ from worker.engines._base import (
     EngineRequest,
     FinishReason,
     LoadSnapshot,
+    Outbox,
     TextDelta,
     wait_event,
 )
@@ -237,21 +238,18 @@ class _Block:
         self.refs = 1
 
 
-class _Live:
+class _Live(Outbox):
     """A request inside the simulator, from submission to completion."""
 
     __slots__ = (
         "answer_tokens",
         "blocks",
         "context_left",
-        "done",
-        "error",
         "generated",
         "held",
         "id",
         "max_stop_chars",
         "max_tokens",
-        "pending",
         "prefix_keys",
         "prompt_tokens",
         "request",
@@ -261,10 +259,10 @@ class _Live:
         "sentence_start",
         "stop",
         "submitted_at",
-        "wake",
     )
 
     def __init__(self, request: EngineRequest, settings: SimSettings) -> None:
+        super().__init__()
         self.request = request
         self.id = request.request_id
         self.prompt_tokens = count_tokens(request.prompt)
@@ -292,10 +290,6 @@ class _Live:
         #: Generated text not yet handed over (it may begin a stop string).
         self.held = ""
         self.sentence_start = True
-        self.pending: list[str] = []
-        self.done: Completion | None = None
-        self.error: EngineError | None = None
-        self.wake = asyncio.Event()
 
     def next_word(self) -> str:
         """The next token's text (a word with its leading space and punctuation)."""
@@ -404,21 +398,10 @@ class SimEngine:
     ) -> AsyncGenerator[TextDelta | Completion, None]:
         live = self._submit(request)
         try:
-            while True:
-                if not live.pending and live.done is None and live.error is None:
-                    live.wake.clear()
-                    await live.wake.wait()
-                if live.pending:
-                    text = "".join(live.pending)
-                    live.pending.clear()
-                    yield TextDelta(text)
-                elif live.error is not None:
-                    raise live.error
-                elif live.done is not None:
-                    yield live.done
-                    return
+            async for item in live.stream():
+                yield item
         finally:
-            if live.done is None and live.error is None:
+            if not live.finished:
                 self._finish(live, "cancelled")
 
     async def abort(self, request_id: str) -> None:
