@@ -116,6 +116,14 @@ class TestDeterminism:
         assert seed1 == seed1_again
         assert seed1 != seed2
 
+    async def test_greedy_text_ignores_seed_top_p_and_top_k(self, sim: EngineFactory) -> None:
+        """Like a real engine, greedy decoding depends on the prompt alone."""
+        async with sim() as engine:
+            plain = await text_of(engine, request(temperature=0.0))
+            seeded = await text_of(engine, request(temperature=0.0, seed=7))
+            narrowed = await text_of(engine, request(temperature=0.0, top_p=0.5, top_k=3))
+        assert plain == seeded == narrowed
+
     async def test_unseeded_sampling_differs_between_calls(self, sim: EngineFactory) -> None:
         async with sim() as engine:
             texts = {await text_of(engine, request(temperature=0.7)) for _ in range(3)}

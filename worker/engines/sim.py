@@ -194,17 +194,22 @@ def count_tokens(text: str) -> int:
 
 
 def text_rng(request: EngineRequest) -> random.Random:
-    """The PRNG that writes a request's answer: seeded from the request when deterministic."""
+    """The PRNG that writes a request's answer: seeded from the request when deterministic.
+
+    Greedy decoding (temperature 0) picks the most likely token whatever the seed, top_p and
+    top_k say, as a real engine does, so the answer then depends on the prompt alone.
+    """
     s = request.sampling
     if s.temperature > 0 and s.seed is None:
         return random.Random()  # seeded from os.urandom: a fresh answer every time
+    sampled = s.temperature > 0
     canonical = json.dumps(
         {
             "prompt": request.prompt,
             "temperature": s.temperature,
-            "top_p": s.top_p,
-            "top_k": s.top_k,
-            "seed": s.seed,
+            "top_p": s.top_p if sampled else None,
+            "top_k": s.top_k if sampled else None,
+            "seed": s.seed if sampled else None,
         },
         sort_keys=True,
         separators=(",", ":"),
