@@ -1,0 +1,157 @@
+"""Where Consul is and how to talk to it: the settings routers and workers share.
+
+Precedence, highest first, for every setting: the ``--consul-*`` flag, its ``LLMMESH_CONSUL_*``
+variable, then the variable Consul's own tools read, then the default:
+
+============================  ====================================  ===========================
+setting                       Consul's variable                     default
+============================  ====================================  ===========================
+``consul_addr``               ``CONSUL_HTTP_ADDR`` (``host:port``   ``127.0.0.1:8500``
+                              or ``scheme://host:port``)
+``consul_scheme``             ``CONSUL_HTTP_SSL=true`` -> https;    ``http``
+                              else the scheme in the address
+``consul_ca_file``            ``CONSUL_CACERT``                     system CAs
+``consul_tls_verify``         ``CONSUL_HTTP_SSL_VERIFY``            true
+``consul_token``              ``CONSUL_HTTP_TOKEN``, then the file  none
+                              named by ``CONSUL_HTTP_TOKEN_FILE``
+``consul_datacenter``         (none)                                the agent's
+============================  ====================================  ===========================
+
+The token is sent as ``X-Consul-Token`` and never logged or shown in a ``repr``. py-consul lets
+``CONSUL_HTTP_TOKEN`` override the token it is given, so :func:`open_client` sets the resolved
+token after construction: the precedence above is the one that holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import consul.aio
+
+DEFAULT_ADDR = "127.0.0.1:8500"
+DEFAULT_SERVICE = "llm-worker"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsulSettings:
+    """Consul connection settings; router and worker configs inherit them."""
+
+    consul_addr: str = field(
+        default="",
+        metadata={"help": "Consul agent host:port or scheme://host:port (else CONSUL_HTTP_ADDR, "
+                  "else 127.0.0.1:8500)"},
+    )  # fmt: skip
+    consul_scheme: str = field(
+        default="", metadata={"help": "http or https (else CONSUL_HTTP_SSL / the address's)"}
+    )
+    consul_ca_file: str = field(
+        default="",
+        metadata={"help": "CA bundle to verify Consul's TLS certificate (CONSUL_CACERT)"},
+    )
+    consul_tls_verify: bool | None = field(
+        default=None,
+        metadata={
+            "help": "verify Consul's TLS certificate (else CONSUL_HTTP_SSL_VERIFY, else true)"
+        },
+    )
+    consul_token: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "ACL token (else CONSUL_HTTP_TOKEN / CONSUL_HTTP_TOKEN_FILE); prefer "
+                  "the environment to a flag, which other users can see"},
+    )  # fmt: skip
+    consul_datacenter: str = field(
+        default="", metadata={"help": "Consul datacenter (default: the agent's)"}
+    )
+    consul_service: str = field(
+        default=DEFAULT_SERVICE, metadata={"help": "Consul service name of the workers"}
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsulTarget:
+    """A resolved Consul endpoint: what a client is built from."""
+
+    host: str
+    port: int
+    scheme: str
+    #: True, False, or the path of a CA bundle.
+    verify: bool | str
+    token: str = field(repr=False)
+    datacenter: str
+    service: str
+
+    @property
+    def url(self) -> str:
+        """Base URL of the agent (no credentials in it)."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def resolve(settings: ConsulSettings, environ: Mapping[str, str] | None = None) -> ConsulTarget:
+    """Apply the precedence in the module docstring; raises ValueError naming a bad setting."""
+    env = os.environ if environ is None else environ
+    addr = settings.consul_addr or env.get("CONSUL_HTTP_ADDR", "") or DEFAULT_ADDR
+    addr_scheme = ""
+    if "://" in addr:
+        addr_scheme, addr = addr.split("://", 1)
+    host, sep, port_text = addr.rstrip("/").rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"consul_addr: {addr!r} is not host:port or scheme://host:port")
+    scheme = settings.consul_scheme
+    if not scheme and env.get("CONSUL_HTTP_SSL"):
+        scheme = "https" if env["CONSUL_HTTP_SSL"].strip().lower() in ("1", "true") else "http"
+    scheme = scheme or addr_scheme or "http"
+    if scheme not in ("http", "https"):
+        raise ValueError(f"consul_scheme: {scheme!r} is not http or https")
+    verify_flag = settings.consul_tls_verify
+    if verify_flag is None and env.get("CONSUL_HTTP_SSL_VERIFY"):
+        verify_flag = env["CONSUL_HTTP_SSL_VERIFY"].strip().lower() not in ("0", "false", "no")
+    ca_file = settings.consul_ca_file or env.get("CONSUL_CACERT", "")
+    verify: bool | str
+    if verify_flag is False:
+        verify = False
+    else:
+        verify = ca_file or True
+    token = settings.consul_token or env.get("CONSUL_HTTP_TOKEN", "")
+    if not token and env.get("CONSUL_HTTP_TOKEN_FILE"):
+        try:
+            token = Path(env["CONSUL_HTTP_TOKEN_FILE"]).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"CONSUL_HTTP_TOKEN_FILE: cannot read it ({exc.strerror})") from None
+    return ConsulTarget(
+        host=host.strip("[]"),
+        port=int(port_text),
+        scheme=scheme,
+        verify=verify,
+        token=token,
+        datacenter=settings.consul_datacenter,
+        service=settings.consul_service,
+    )
+
+
+def open_client(target: ConsulTarget, *, timeout_s: float | None = None) -> consul.aio.Consul:
+    """A py-consul asyncio client for ``target`` (close it with ``await client.close()``).
+
+    ``timeout_s`` bounds every HTTP request of the client; a client used for blocking queries
+    needs it above the query's ``wait`` (or None, bounding each call itself).
+    """
+    import consul.aio
+
+    kwargs: dict[str, Any] = {
+        "host": target.host,
+        "port": target.port,
+        "scheme": target.scheme,
+        "verify": target.verify,
+        "token": target.token or None,
+        "dc": target.datacenter or None,
+        "connections_timeout": timeout_s,
+    }
+    client = consul.aio.Consul(**kwargs)
+    # py-consul lets CONSUL_HTTP_TOKEN override the token argument; ours is already resolved.
+    client.token = target.token or None
+    return client
