@@ -112,11 +112,7 @@ def resolve(settings: ConsulSettings, environ: Mapping[str, str] | None = None) 
     if verify_flag is None and env.get("CONSUL_HTTP_SSL_VERIFY"):
         verify_flag = env["CONSUL_HTTP_SSL_VERIFY"].strip().lower() not in ("0", "false", "no")
     ca_file = settings.consul_ca_file or env.get("CONSUL_CACERT", "")
-    verify: bool | str
-    if verify_flag is False:
-        verify = False
-    else:
-        verify = ca_file or True
+    verify: bool | str = False if verify_flag is False else (ca_file or True)
     token = settings.consul_token or env.get("CONSUL_HTTP_TOKEN", "")
     if not token and env.get("CONSUL_HTTP_TOKEN_FILE"):
         try:
