@@ -25,6 +25,7 @@ token after construction: the precedence above is the one that holds.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,12 @@ def open_client(target: ConsulTarget, *, timeout_s: float | None = None) -> cons
         "dc": target.datacenter or None,
         "connections_timeout": timeout_s,
     }
-    client = consul.aio.Consul(**kwargs)
+    with warnings.catch_warnings():
+        # py-consul 1.8.0 passes verify_ssl / ssl_context, which aiohttp deprecates.
+        warnings.filterwarnings(
+            "ignore", r"(ssl_context|verify_ssl) is deprecated", DeprecationWarning
+        )
+        client = consul.aio.Consul(**kwargs)
     # py-consul lets CONSUL_HTTP_TOKEN override the token argument; ours is already resolved.
     client.token = target.token or None
     return client
