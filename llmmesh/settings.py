@@ -92,6 +92,8 @@ def _format_default(value: Any) -> str:
         return f"{value.total_seconds():g}s"
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "(none)"
+    if value is None:
+        return "(unset)"
     return str(value)
 
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ SERVICES = [
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return _type_name(next(a for a in typing.get_args(tp) if a is not type(None)))
     if typing.get_origin(tp) is typing.Literal:
         return " \\| ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
