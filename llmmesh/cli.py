@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache store; auto: Redis when redis-server is on PATH, else in-process",
     )
     up.add_argument(
+        "--discovery",
+        choices=("static", "consul"),
+        default="static",
+        help="how the router finds the workers: static (it is given their addresses) or consul "
+        "(the workers register with an existing Consul agent and the router watches it)",
+    )
+    up.add_argument(
+        "--consul-addr",
+        default="",
+        metavar="HOST:PORT",
+        help="the Consul agent for --discovery consul (default: CONSUL_HTTP_ADDR, else "
+        "127.0.0.1:8500; the token comes from CONSUL_HTTP_TOKEN)",
+    )
+    up.add_argument(
         "--try",
         dest="try_prompt",
         default="",
@@ -324,6 +338,8 @@ def _workers(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from llmmesh import local_mesh
 
+    if args.consul_addr and args.discovery != "consul":
+        raise CommandError("--consul-addr needs --discovery consul")
     config = local_mesh.MeshConfig(
         workers=args.workers,
         engine=args.engine,
@@ -331,6 +347,8 @@ def _up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         store=args.store,
+        discovery=args.discovery,
+        consul_addr=args.consul_addr,
         try_prompt=args.try_prompt,
         ready_file=args.ready_file,
         log_dir=args.log_dir,

@@ -24,12 +24,15 @@ token after construction: the precedence above is the one that holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmmesh import errors
 
 if TYPE_CHECKING:
     import consul.aio
@@ -157,3 +160,76 @@ def open_client(target: ConsulTarget, *, timeout_s: float | None = None) -> cons
     # py-consul lets CONSUL_HTTP_TOKEN override the token argument; ours is already resolved.
     client.token = target.token or None
     return client
+
+
+ConsulErrorKind = Literal[
+    "unreachable",
+    "timeout",
+    "permission_denied",
+    "not_found",
+    "bad_request",
+    "server_error",
+    "bad_response",
+]
+
+
+class ConsulError(errors.Unavailable):
+    """A Consul agent call failed. :attr:`kind` says how (for logs and metrics), :attr:`op` what
+    was being done, :attr:`status` the HTTP status when the agent answered (else None)."""
+
+    def __init__(
+        self, kind: ConsulErrorKind, message: str, *, op: str = "", status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind: ConsulErrorKind = kind
+        self.op = op
+        self.status = status
+
+
+@contextlib.contextmanager
+def consul_errors(target: ConsulTarget, op: str = "") -> Iterator[None]:
+    """Translate what py-consul and aiohttp raise into :class:`ConsulError`: the one place that
+    knows their exceptions. Messages name the agent and the operation, never the token."""
+    import aiohttp
+    import consul.exceptions as ce
+
+    where = f"Consul at {target.url}"
+    doing = f" ({op})" if op else ""
+
+    def fail(kind: ConsulErrorKind, message: str, status: int | None = None) -> ConsulError:
+        if target.token:
+            message = message.replace(target.token, "<token>")
+        return ConsulError(kind, message + doing, op=op, status=status)
+
+    try:
+        yield
+    except ce.ACLPermissionDenied as exc:
+        raise fail("permission_denied", f"{where} denied access (403): {exc}", 403) from None
+    except ce.ACLDisabled as exc:
+        raise fail("permission_denied", f"{where} answered 401: {exc}", 401) from None
+    except ce.NotFound as exc:
+        raise fail("not_found", f"{where} does not know it (404): {exc}", 404) from None
+    except (ce.BadRequest, ce.ClientError) as exc:
+        text = str(exc)
+        code = text.split(" ", 1)[0]
+        status = int(code) if code.isdigit() else None
+        raise fail("bad_request", f"{where} rejected the call: {text}", status) from None
+    except ce.Timeout:
+        raise fail("timeout", f"{where} timed out (599)") from None
+    except ce.ConsulException as exc:
+        text = str(exc)
+        code = text.split(" ", 1)[0]
+        status = int(code) if code.isdigit() else None
+        kind: ConsulErrorKind = "server_error" if text[:1] == "5" else "bad_response"
+        raise fail(kind, f"{where} failed: {text}", status) from None
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or str(exc.os_error)
+        raise fail("unreachable", f"cannot connect to {where}: {reason}") from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        raise fail("unreachable", f"{where} dropped the connection: {exc}") from None
+    except aiohttp.ClientError as exc:
+        raise fail("bad_response", f"{where}: {type(exc).__name__}: {exc}") from None
+    except TimeoutError:
+        raise fail("timeout", f"{where} did not answer in time") from None
+    except ValueError as exc:  # a body that is not JSON, an index that is not a number
+        raise fail("bad_response", f"{where} sent a bad answer: {exc}") from None

@@ -7,6 +7,11 @@ persistence, 256 MiB LRU), then ``python -m cache_service``, then the workers (`
 has written ``F``; one that exits or times out during startup fails the whole start, with its last
 log lines. Every child writes its logs to ``<log dir>/<name>.log``.
 
+With ``--discovery consul`` the mesh runs against an existing Consul agent (``--consul-addr``,
+else ``CONSUL_HTTP_ADDR``, else 127.0.0.1:8500; ``CONSUL_HTTP_TOKEN`` reaches the children through
+their environment): the workers register themselves there, the router is given no worker list
+and finds them through Consul, and the mesh is ready once the router routes to every worker.
+
 SIGINT or SIGTERM stops the children in reverse order (router, workers, cache service, Redis) with
 SIGTERM, killing any that outlive the stop timeout, and exits 0; a second signal kills them at
 once. A child that dies while the mesh runs is reported (name, exit status, last log lines), the
@@ -39,7 +44,7 @@ import grpc
 
 from llmmesh import cli
 from llmmesh.server import free_port, write_json_atomically
-from llmmesh.v1 import generate_pb2, router_pb2_grpc
+from llmmesh.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 TRY_TIMEOUT_S = 30.0
 _LOG_TAIL_LINES = 20
@@ -55,6 +60,8 @@ class MeshConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     store: Literal["auto", "redis", "memory"] = "auto"
+    discovery: Literal["static", "consul"] = "static"
+    consul_addr: str = ""
     try_prompt: str = ""
     ready_file: str = ""
     log_dir: str = ""
@@ -67,6 +74,15 @@ class MeshConfig:
             raise ValueError(f"workers: {self.workers} is below 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.consul_addr and self.discovery != "consul":
+            raise ValueError("consul_addr: only used with --discovery consul")
+
+    def consul_args(self) -> list[str]:
+        """What tells a worker or the router to use Consul (empty for static discovery)."""
+        if self.discovery != "consul":
+            return []
+        args = ["--discovery", "consul"]
+        return [*args, "--consul-addr", self.consul_addr] if self.consul_addr else args
 
 
 class MeshFailed(Exception):
@@ -341,6 +357,8 @@ class LocalMesh:
 
     async def _start(self) -> None:
         config = self.config
+        if config.discovery == "consul":
+            await self._check_consul()
         self.store, why = resolve_store(config.store)
         _say(f"cache store: {why}")
         cache_args = ["--store", "memory"]
@@ -358,20 +376,63 @@ class LocalMesh:
                         "--model",
                         config.model,
                         "--worker-id",
-                        f"worker-{i}",
+                        self._worker_id(i),
+                        *config.consul_args(),
                     ],
                     name=f"worker-{i}",
                 )
                 for i in range(1, config.workers + 1)
             ]
         )
-        router_args = [
-            "--workers", ",".join(f"127.0.0.1:{worker.port}" for worker in workers),
-            "--cache-address", f"127.0.0.1:{cache.port}",
-        ]  # fmt: skip
-        await self._start_group(
+        router_args = ["--cache-address", f"127.0.0.1:{cache.port}", *config.consul_args()]
+        if config.discovery == "static":
+            router_args += ["--workers", ",".join(f"127.0.0.1:{w.port}" for w in workers)]
+        [router] = await self._start_group(
             [self._service("router", router_args, host=config.host, port=config.port)]
         )
+        if config.discovery == "consul":
+            addresses = {f"127.0.0.1:{worker.port}" for worker in workers}
+            await router.wait_ready(lambda: self._routes_to(addresses), config.startup_timeout_s)
+
+    async def _check_consul(self) -> None:
+        """Fail at once, before starting anything, when the Consul agent does not answer."""
+        from llmmesh import consul
+        from llmmesh.discovery import ConsulError, consul_errors
+
+        try:
+            target = consul.resolve(consul.ConsulSettings(consul_addr=self.config.consul_addr))
+        except ValueError as exc:
+            raise MeshFailed(f"--consul-addr: {exc}") from None
+        client = consul.open_client(target, timeout_s=5.0)
+        try:
+            with consul_errors(target):
+                leader = await client.status.leader()
+        except ConsulError as exc:
+            raise MeshFailed(
+                f"{exc.message}; start an agent (consul agent -dev) or fix --consul-addr"
+            ) from None
+        finally:
+            await client.close()
+        _say(f"Consul agent at {target.url} (leader {leader or 'none yet'})")
+
+    def _worker_id(self, i: int) -> str:
+        """``worker-<i>``; with Consul, whose registry other meshes may share, made unique by
+        the supervisor's pid (a worker's id is its Consul service id)."""
+        if self.config.discovery == "consul":
+            return f"worker-{i}-{os.getpid()}"
+        return f"worker-{i}"
+
+    async def _routes_to(self, addresses: set[str]) -> bool:
+        """Whether the router has a HEALTHY worker at every one of ``addresses``."""
+        try:
+            async with grpc.aio.insecure_channel(self.target) as channel:
+                reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                    router_pb2.ListWorkersRequest(), timeout=2.0
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        healthy = {w.address for w in reply.workers if w.state == router_pb2.WORKER_STATE_HEALTHY}
+        return addresses <= healthy
 
     def _service(
         self,
@@ -450,7 +511,8 @@ class LocalMesh:
             f"llm-mesh is up: the router listens on {self.target}"
             f" ({self.config.workers} {self.config.engine}"
             f" worker{'s' if self.config.workers > 1 else ''} serving {self.config.model},"
-            f" cache on {'Redis' if self.store == 'redis' else 'the in-process store'})",
+            f" cache on {'Redis' if self.store == 'redis' else 'the in-process store'}"
+            f"{self._discovery_text()})",
             "",
         ]
         for child in [child for group in reversed(self.groups) for child in group]:
@@ -472,6 +534,13 @@ class LocalMesh:
         ]
         print("\n".join(lines), file=self.out, flush=True)
 
+    def _discovery_text(self) -> str:
+        if self.config.discovery != "consul":
+            return ""
+        return (
+            f", workers found through Consul at {self.config.consul_addr or 'its default address'}"
+        )
+
     def _remove_ready_file(self) -> None:
         if self.config.ready_file:
             Path(self.config.ready_file).unlink(missing_ok=True)
@@ -481,6 +550,7 @@ class LocalMesh:
             "pid": os.getpid(),
             "router": self.target,
             "store": self.store,
+            "discovery": self.config.discovery,
             "log_dir": str(self.log_dir),
             "children": {
                 child.name: {

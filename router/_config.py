@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from llmmesh import settings
+from llmmesh import consul, settings
+from llmmesh.consul import ConsulSettings
 from llmmesh.discovery import parse_address
 from llmmesh.server import ServerSettings
 from llmmesh.validation import Limits
@@ -17,7 +19,7 @@ _LIMIT_DEFAULTS = Limits()
 
 
 @dataclass(frozen=True, kw_only=True)
-class RouterConfig(ServerSettings):
+class RouterConfig(ServerSettings, ConsulSettings):
     """How the router listens, finds workers and the cache, and bounds requests."""
 
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
@@ -25,12 +27,30 @@ class RouterConfig(ServerSettings):
         default=9401,
         metadata={"help": "Prometheus metrics HTTP port (0 picks a free one, -1 disables)"},
     )
-    discovery: Literal["static"] = field(
-        default="static", metadata={"help": "how workers are found: static (the --workers list)"}
+    discovery: Literal["static", "consul"] = field(
+        default="static",
+        metadata={
+            "help": "how workers are found: static (the --workers list) or consul (the passing "
+            "instances of --consul-service)"
+        },
     )
     workers: tuple[str, ...] = field(
         default=("127.0.0.1:50061",),
-        metadata={"help": "worker addresses for static discovery, host:port,host:port"},
+        metadata={
+            "help": "worker addresses for static discovery, host:port,host:port (unused with "
+            "consul)"
+        },
+    )
+    consul_watch_wait: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata={
+            "help": "longest a Consul blocking query waits for a change before it is renewed "
+            "(at most 10m)"
+        },
+    )
+    consul_retry_max: timedelta = field(
+        default=timedelta(seconds=5),
+        metadata={"help": "longest pause between queries while Consul is unreachable"},
     )
     cache_address: str = field(
         default="127.0.0.1:50071",
@@ -64,6 +84,10 @@ class RouterConfig(ServerSettings):
         super().__post_init__()
         if self.discovery == "static" and not self.workers:
             raise ValueError("workers: static discovery needs at least one worker address")
+        if not timedelta(0) < self.consul_watch_wait <= timedelta(minutes=10):
+            raise ValueError("consul_watch_wait: must be > 0 and at most 10m")
+        if self.consul_retry_max <= timedelta(0):
+            raise ValueError("consul_retry_max: must be > 0")
         for address in self.workers:
             try:
                 parse_address(address)
@@ -101,11 +125,23 @@ class RouterConfig(ServerSettings):
 def load_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RouterConfig:
-    """The configuration from ``argv`` flags, then ``LLMMESH_*`` variables, then defaults."""
-    return settings.load(
+    """The configuration from ``argv`` flags, then ``LLMMESH_*`` variables, then defaults.
+
+    With consul discovery the Consul settings are also resolved against Consul's own variables
+    (``CONSUL_HTTP_ADDR``...; see :mod:`llmmesh.consul`), so that a bad one stops the router here.
+    """
+    prog = "python -m router"
+    config = settings.load(
         RouterConfig,
-        prog="python -m router",
+        prog=prog,
         description="llm-mesh router: the public entry point; routes requests to workers.",
         argv=argv,
         environ=environ,
     )
+    if config.discovery == "consul":
+        try:
+            consul.resolve(config, environ)
+        except ValueError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmmesh.discovery import DiscoveryStatus
+
 # Generation takes from milliseconds (a cache hit) to minutes (a long answer).
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -47,3 +49,46 @@ WORKERS = Gauge(
     "Workers in the routing table, by state.",
     ["state"],
 )
+DISCOVERY_UP = Gauge(
+    "llmmesh_router_discovery_up",
+    "1 while the discovery source answers (its last query succeeded), else 0; the router keeps"
+    " routing to the last known workers either way.",
+    ["source"],
+)
+DISCOVERY_ERRORS = Counter(
+    "llmmesh_router_discovery_errors_total",
+    "Failed discovery queries, by kind: unreachable, timeout, permission_denied, bad_request,"
+    " server_error, bad_response.",
+    ["source", "kind"],
+)
+DISCOVERY_LAST_SUCCESS = Gauge(
+    "llmmesh_router_discovery_last_success_timestamp_seconds",
+    "Unix time of the last successful discovery query.",
+    ["source"],
+)
+DISCOVERY_LAST_CHANGE = Gauge(
+    "llmmesh_router_discovery_last_change_timestamp_seconds",
+    "Unix time when the discovered set of workers last changed.",
+    ["source"],
+)
+
+
+class DiscoveryMetrics:
+    """Keeps the discovery metrics in step with a source's :class:`DiscoveryStatus`."""
+
+    def __init__(self) -> None:
+        self._errors_seen = 0
+
+    def observe(self, status: DiscoveryStatus) -> None:
+        """Record ``status`` (called after every query of the source)."""
+        source = status.source
+        DISCOVERY_UP.labels(source).set(1.0 if status.healthy else 0.0)
+        if status.errors_total > self._errors_seen:
+            DISCOVERY_ERRORS.labels(source, status.last_error_kind or "unknown").inc(
+                status.errors_total - self._errors_seen
+            )
+            self._errors_seen = status.errors_total
+        if status.last_success is not None:
+            DISCOVERY_LAST_SUCCESS.labels(source).set(status.last_success)
+        if status.last_change is not None:
+            DISCOVERY_LAST_CHANGE.labels(source).set(status.last_change)

@@ -15,6 +15,11 @@ Only HEALTHY workers get traffic. The pool also counts the requests this router 
 each worker (the load the balancer sees) and remembers every model any worker ever reported, so
 that a request for a model whose workers are all down is UNAVAILABLE rather than NOT_FOUND.
 
+What discovery knows of a worker (Consul's service meta: model, engine, capacity) describes it
+until it answers GetInfo, whose answer is authoritative; a worker whose model the meta names is
+routed to only once GetInfo confirms it. A worker that leaves the discovery set leaves the table
+at once; the requests still on it finish on its channel, which is closed after them.
+
 Later additions slot in here: load reports from ``Worker.WatchLoad`` (DRAINING when a worker says it
 is not serving), and ejection after consecutive failures (EJECTED).
 """
@@ -34,7 +39,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from llmmesh.discovery import Discovery, Endpoint
+from llmmesh.discovery import Discovery, DiscoveryStatus, Endpoint, ReportsStatus
 from llmmesh.server import MiB, grpc_channel_options
 from llmmesh.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from router import _metrics as metrics
@@ -95,13 +100,13 @@ class Worker:
 
     @property
     def model(self) -> str:
-        """The model it serves ("" until it has answered GetInfo)."""
-        return self.info.model if self.info is not None else ""
+        """The model it serves: its GetInfo answer, else what discovery says ("" if neither)."""
+        return self.info.model if self.info is not None else self.endpoint.meta.get("model", "")
 
     @property
     def engine(self) -> str:
-        """Its engine ("" until it has answered GetInfo)."""
-        return self.info.engine if self.info is not None else ""
+        """Its engine: its GetInfo answer, else what discovery says ("" if neither)."""
+        return self.info.engine if self.info is not None else self.endpoint.meta.get("engine", "")
 
     @property
     def model_version(self) -> str:
@@ -110,8 +115,11 @@ class Worker:
 
     @property
     def capacity(self) -> int:
-        """How many requests it runs at once (at least 1)."""
-        return max(1, self.info.capacity) if self.info is not None else 1
+        """How many requests it runs at once (at least 1): GetInfo's, else discovery's."""
+        if self.info is not None:
+            return max(1, self.info.capacity)
+        claimed = self.endpoint.meta.get("capacity", "")
+        return max(1, int(claimed)) if claimed.isdigit() else 1
 
     def describe(self) -> str:
         """How error messages name the worker."""
@@ -147,6 +155,7 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._retired: list[grpc.aio.Channel] = []
         self._known_models: set[str] = set()
+        self._discovery_metrics = metrics.DiscoveryMetrics()
         self._tasks: set[asyncio.Task[None]] = set()
         self._discovered = asyncio.Event()
         self._started = False
@@ -159,6 +168,8 @@ class WorkerPool:
         if self._started:
             raise RuntimeError("worker pool already started")
         self._started = True
+        if isinstance(self._discovery, ReportsStatus):
+            self._discovery.subscribe(self._discovery_metrics.observe)
         self._spawn(self._keep_running("discovery", self._follow_discovery), name="discovery")
         self._update_state_gauge()
 
@@ -204,8 +215,16 @@ class WorkerPool:
 
     @property
     def known_models(self) -> frozenset[str]:
-        """Every model any worker has reported since the router started."""
-        return frozenset(self._known_models)
+        """Every model any worker has reported since the router started, and every model that
+        a worker in the table is said to serve by discovery (and has not answered yet)."""
+        claimed = {w.model for w in self._workers.values() if w.info is None}
+        return frozenset(self._known_models | (claimed - {""}))
+
+    def discovery_status(self) -> DiscoveryStatus | None:
+        """How discovery is doing (None for a source that does not say)."""
+        if isinstance(self._discovery, ReportsStatus):
+            return self._discovery.status()
+        return None
 
     def never_answered(self) -> int:
         """How many workers have not answered GetInfo yet."""
@@ -333,6 +352,15 @@ class WorkerPool:
                 state = worker.channel.get_state()
 
     def _set_healthy(self, worker: Worker, info: worker_pb2.GetInfoResponse) -> None:
+        claimed = worker.endpoint.meta.get("model", "")
+        if claimed and claimed != info.model and worker.model != info.model:
+            log.warning(
+                "worker serves another model than discovery says; routing by its own answer",
+                address=worker.address,
+                worker_id=info.worker_id,
+                model=info.model,
+                discovery_model=claimed,
+            )
         if worker.worker_id and worker.worker_id != info.worker_id:
             with contextlib.suppress(KeyError):
                 metrics.WORKER_IN_FLIGHT.remove(worker.worker_id)

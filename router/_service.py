@@ -9,9 +9,10 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
 4. a cacheable request is looked up under a short timeout; a hit is answered at once (a streaming
    caller gets the cached text as a few chunks), a miss under CACHE_POLICY_ONLY_IF_CACHED is
    NOT_FOUND;
-5. the policy picks a HEALTHY worker of the model (none: UNAVAILABLE), and the request is sent to
-   it with the caller's remaining deadline. Chunks are relayed as they arrive; a caller that
-   cancels or runs out of time cancels the worker's call, which aborts the engine request;
+5. the policy picks a HEALTHY worker of the model (none: UNAVAILABLE, saying why), and the
+   request is sent to it with the caller's remaining deadline. Chunks are relayed as they
+   arrive; a caller that cancels or runs out of time cancels the worker's call, which aborts the
+   engine request;
 6. a finished, cacheable answer is stored in the background, without delaying the caller.
 """
 
@@ -31,7 +32,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from llmmesh import errors, logs
+from llmmesh import consul, errors, logs
 from llmmesh.cache_key import (
     DEFAULT_TENANT,
     TENANT_METADATA_KEY,
@@ -39,7 +40,7 @@ from llmmesh.cache_key import (
     reads_cache,
     writes_cache,
 )
-from llmmesh.discovery import Discovery, StaticDiscovery
+from llmmesh.discovery import ConsulDiscovery, Discovery, DiscoveryStatus, StaticDiscovery
 from llmmesh.server import ServiceRunner
 from llmmesh.v1 import cache_pb2, generate_pb2, router_pb2, router_pb2_grpc
 from llmmesh.validation import MAX_REQUEST_ID_CHARS, Limits, validate_request
@@ -146,7 +147,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if not request.model or w.model == request.model
             ]
             rows.sort(key=lambda r: (r.model, r.worker_id, r.address))
-            return router_pb2.ListWorkersResponse(workers=rows)
+            status = self.pool.discovery_status()
+            return router_pb2.ListWorkersResponse(
+                workers=rows, discovery=None if status is None else _discovery_status(status)
+            )
 
     # -- steps of a generation --------------------------------------------------------------
 
@@ -232,8 +236,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def _pick(self, call: _Call) -> Worker:
         candidates = self.pool.healthy(call.request.model)
         if not candidates:
-            raise errors.Unavailable(f"no healthy worker serves model {call.request.model!r}")
+            raise errors.Unavailable(self._no_worker_message(call.request.model))
         return self.policy.choose(candidates)
+
+    def _no_worker_message(self, model: str) -> str:
+        """Why a known model has no worker to take a request now."""
+        message = f"no healthy worker serves model {model!r}"
+        if not any(w.model == model for w in self.pool.workers()):
+            message += " now: every worker that served it has left the mesh"
+        status = self.pool.discovery_status()
+        if status is not None and not status.healthy:
+            message += f"; the worker registry ({status.source}) is unreachable"
+        return message
 
     def _timeout(self, context: _Context) -> float:
         """The worker's deadline: the caller's remaining time, or the router's maximum."""
@@ -493,6 +507,7 @@ class RouterApp:
             workers=len(workers),
             healthy=sum(1 for w in workers if w.state is WorkerState.HEALTHY),
             models=sorted(self.pool.known_models),
+            discovery=config.discovery,
             cache=config.cache_address or "disabled",
             policy=self.service.policy.name,
         )
@@ -511,4 +526,28 @@ class RouterApp:
 def _discovery(config: RouterConfig) -> Discovery:
     if config.discovery == "static":
         return StaticDiscovery(config.workers)
+    if config.discovery == "consul":
+        return ConsulDiscovery(
+            consul.resolve(config),
+            wait=config.consul_watch_wait,
+            backoff_max=config.consul_retry_max,
+        )
     raise ValueError(f"discovery: unknown discovery {config.discovery!r}")
+
+
+def _discovery_status(status: DiscoveryStatus) -> router_pb2.DiscoveryStatus:
+    now = time.time()
+    return router_pb2.DiscoveryStatus(
+        source=status.source,
+        target=status.target,
+        healthy=status.healthy,
+        last_error=status.last_error,
+        seconds_since_last_success=-1.0
+        if status.last_success is None
+        else max(0.0, now - status.last_success),
+        consecutive_failures=status.consecutive_failures,
+        endpoints=status.endpoints,
+        seconds_since_last_change=-1.0
+        if status.last_change is None
+        else max(0.0, now - status.last_change),
+    )

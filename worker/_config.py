@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from datetime import timedelta
 from typing import Literal
 
 from llmmesh import settings
+from llmmesh.consul import ConsulSettings
 from llmmesh.server import ServerSettings
 from llmmesh.validation import Limits
 
@@ -18,8 +20,8 @@ CHARS_PER_TOKEN_BOUND = 16
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerConfig(ServerSettings):
-    """How a worker serves: its engine, model, admission bounds and request limits."""
+class WorkerConfig(ServerSettings, ConsulSettings):
+    """How a worker serves: its engine, model, admission bounds, request limits and discovery."""
 
     port: int = field(default=50061, metadata={"help": "gRPC port (0 picks a free one)"})
     metrics_port: int = field(
@@ -165,8 +167,51 @@ class WorkerConfig(ServerSettings):
         default="auto", metadata={"help": "hf: weight dtype (auto: bfloat16 on cuda, else float32)"}
     )
 
+    discovery: Literal["none", "consul"] = field(
+        default="none",
+        metadata={"help": "register in Consul (consul_* settings) when consul; none: do not"},
+    )
+    advertise_address: str = field(
+        default="",
+        metadata={
+            "help": "host or IP others reach this worker at, registered in Consul (default: the "
+            "listen host; when listening on 0.0.0.0 or ::, this machine's IP, else its hostname)"
+        },
+    )
+    consul_check: Literal["ttl", "grpc"] = field(
+        default="ttl",
+        metadata={
+            "help": "Consul health check: ttl (the worker reports its engine's health), grpc "
+            "(Consul probes the worker's grpc.health.v1 for llmmesh.v1.Worker)"
+        },
+    )
+    consul_check_ttl: timedelta = field(
+        default=timedelta(seconds=10),
+        metadata={
+            "help": "ttl check: its TTL, refreshed every third of it; grpc check: Consul probes "
+            "every third of it. A dead worker turns critical within about this long"
+        },
+    )
+    consul_deregister_after: timedelta = field(
+        default=timedelta(minutes=1),
+        metadata={
+            "help": "Consul removes the worker after its check has been critical this long "
+            "(DeregisterCriticalServiceAfter; Consul raises anything below 1m to 1m)"
+        },
+    )
+    consul_tags: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "extra Consul tags (model=... and engine=... are always added)"},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.consul_check_ttl <= timedelta(0):
+            raise ValueError("consul_check_ttl: must be positive")
+        if self.consul_deregister_after <= timedelta(0):
+            raise ValueError("consul_deregister_after: must be positive")
+        if self.advertise_address:
+            _check_advertise_address(self.advertise_address)
         if self.engine in ("trtllm", "hf") and not self.model_path:
             raise ValueError(f"model_path: the {self.engine} engine needs a model directory")
         if self.trtllm_tensor_parallel_size < 1:
@@ -213,6 +258,20 @@ class WorkerConfig(ServerSettings):
             max_tokens_limit=self.max_tokens_limit,
             max_prompt_chars=self.max_prompt_tokens * CHARS_PER_TOKEN_BOUND,
         )
+
+
+def _check_advertise_address(address: str) -> None:
+    """A host name or an IP address, without a port: the worker's own port is registered."""
+    if ":" in address:
+        try:
+            ipaddress.IPv6Address(address.strip("[]"))
+        except ValueError:
+            raise ValueError(
+                f"advertise_address: {address!r} is not a host or IP address (give no port: "
+                "the worker's own port is registered)"
+            ) from None
+    elif not address.isprintable() or any(c.isspace() or c in "/@" for c in address):
+        raise ValueError(f"advertise_address: {address!r} is not a host or IP address")
 
 
 def load_config(

@@ -51,6 +51,7 @@ from llmmesh.validation import effective_sampling, validate_request
 from worker import _metrics as metrics
 from worker._chat import prompt_of
 from worker._config import WorkerConfig
+from worker._registration import ConsulRegistration
 from worker.engines import (
     Completion,
     Engine,
@@ -104,6 +105,8 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         self._pump: asyncio.Task[None] | None = None
         self._runner: ServiceRunner | None = None
         self._engine_healthy = True
+        #: Set at :meth:`start` when ``discovery`` is ``consul``.
+        self.registration: ConsulRegistration | None = None
 
     # -- ServiceApp ----------------------------------------------------------------------------
 
@@ -119,6 +122,15 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         await self.engine.start()
         self._pump = asyncio.create_task(self._pump_load(), name="worker-load")
         info = self.engine.info()
+        if self.config.discovery == "consul":
+            self.registration = ConsulRegistration(
+                self.config,
+                worker_id=self.worker_id,
+                port=runner.port,
+                info=info,
+                is_healthy=self._engine_is_healthy,
+            )
+            await self.registration.start()
         log.info(
             "worker started",
             worker_id=self.worker_id,
@@ -129,11 +141,16 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         )
 
     async def drain(self) -> None:
-        """Refuse new requests; end WatchLoad streams (after a serving=false report)."""
+        """Leave Consul first (routers stop sending), then refuse new requests and end WatchLoad
+        streams (after a serving=false report); in-flight requests go on to the end."""
+        if self.registration is not None:
+            await self.registration.leave()
         self._draining = True
         self._notify_load()
 
     async def close(self) -> None:
+        if self.registration is not None:
+            await self.registration.stop()
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -404,6 +421,13 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
             timestamp_ms=int(time.time() * 1000),
         )
 
+    def _engine_is_healthy(self) -> bool:
+        """The engine's health now, as the Consul check reports it."""
+        try:
+            return self.engine.load().healthy
+        except EngineError:
+            return False
+
     def _notify_load(self) -> None:
         """Wake every WatchLoad stream."""
         self._load_changed.set()
@@ -437,6 +461,8 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
                 "engine unhealthy: reporting NOT_SERVING", engine=info.engine, model=info.model
             )
         metrics.ENGINE_HEALTHY.set(1 if healthy else 0)
+        if self.registration is not None:
+            self.registration.health_changed()
         if self._runner is not None and not self._draining:
             await self._runner.set_serving(healthy)
 

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import generate_pb2 as llmmesh_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmmesh/v1/router.proto\x12\nllmmesh.v1\x1a\x19llmmesh/v1/generate.proto\"#\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9b\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.llmmesh.v1.WorkerState\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x08 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\t \x01(\r\x12\x1e\n\x16kv_cache_used_fraction\x18\n \x01(\x01\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x1a\n\x12last_report_age_ms\x18\x0c \x01(\x01\"@\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.llmmesh.v1.WorkerStatus*\x94\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x18\n\x14WORKER_STATE_SUSPECT\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x18\n\x14WORKER_STATE_EJECTED\x10\x04\x32\xf4\x01\n\x06Router\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.llmmesh.v1.ListWorkersRequest\x1a\x1f.llmmesh.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmmesh/v1/router.proto\x12\nllmmesh.v1\x1a\x19llmmesh/v1/generate.proto\"#\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9b\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.llmmesh.v1.WorkerState\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x08 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\t \x01(\r\x12\x1e\n\x16kv_cache_used_fraction\x18\n \x01(\x01\x12\r\n\x05score\x18\x0b \x01(\x01\x12\x1a\n\x12last_report_age_ms\x18\x0c \x01(\x01\"p\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.llmmesh.v1.WorkerStatus\x12.\n\tdiscovery\x18\x02 \x01(\x0b\x32\x1b.llmmesh.v1.DiscoveryStatus\"\xce\x01\n\x0f\x44iscoveryStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\"\n\x1aseconds_since_last_success\x18\x05 \x01(\x01\x12\x1c\n\x14\x63onsecutive_failures\x18\x06 \x01(\r\x12\x11\n\tendpoints\x18\x07 \x01(\r\x12!\n\x19seconds_since_last_change\x18\x08 \x01(\x01*\x94\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_HEALTHY\x10\x01\x12\x18\n\x14WORKER_STATE_SUSPECT\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x18\n\x14WORKER_STATE_EJECTED\x10\x04\x32\xf4\x01\n\x06Router\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.llmmesh.v1.ListWorkersRequest\x1a\x1f.llmmesh.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmmesh.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=456
-  _globals['_WORKERSTATE']._serialized_end=604
+  _globals['_WORKERSTATE']._serialized_start=713
+  _globals['_WORKERSTATE']._serialized_end=861
   _globals['_LISTWORKERSREQUEST']._serialized_start=66
   _globals['_LISTWORKERSREQUEST']._serialized_end=101
   _globals['_WORKERSTATUS']._serialized_start=104
   _globals['_WORKERSTATUS']._serialized_end=387
   _globals['_LISTWORKERSRESPONSE']._serialized_start=389
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=453
-  _globals['_ROUTER']._serialized_start=607
-  _globals['_ROUTER']._serialized_end=851
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=501
+  _globals['_DISCOVERYSTATUS']._serialized_start=504
+  _globals['_DISCOVERYSTATUS']._serialized_end=710
+  _globals['_ROUTER']._serialized_start=864
+  _globals['_ROUTER']._serialized_end=1108
 # @@protoc_insertion_point(module_scope)

@@ -146,19 +146,79 @@ class ListWorkersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
+    DISCOVERY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
         """Every known worker, sorted by model then worker id."""
+
+    @_builtins.property
+    def discovery(self) -> Global___DiscoveryStatus:
+        """How the router finds its workers, and whether that source answers."""
 
     def __init__(
         self,
         *,
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
+        discovery: Global___DiscoveryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["discovery", b"discovery"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discovery", b"discovery", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class DiscoveryStatus(_message.Message):
+    """The state of the router's discovery source. While the source fails, the router keeps routing
+    to the workers it last knew of (and stays SERVING).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_LAST_SUCCESS_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_LAST_CHANGE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The kind of source: "static" (a fixed list) or "consul"."""
+    target: _builtins.str
+    """What it watches, without credentials: the address list, or "<consul url> service <name>"."""
+    healthy: _builtins.bool
+    """Whether the source's last query succeeded (a static list always has)."""
+    last_error: _builtins.str
+    """Why the last query failed; empty while healthy."""
+    seconds_since_last_success: _builtins.float
+    """Seconds since the last successful query; negative when none has succeeded yet, or for a
+    static list.
+    """
+    consecutive_failures: _builtins.int
+    """Failed queries since the last successful one."""
+    endpoints: _builtins.int
+    """Endpoints in the last known set."""
+    seconds_since_last_change: _builtins.float
+    """Seconds since that set last changed; negative when there is none yet, or for a static list."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        last_error: _builtins.str = ...,
+        seconds_since_last_success: _builtins.float = ...,
+        consecutive_failures: _builtins.int = ...,
+        endpoints: _builtins.int = ...,
+        seconds_since_last_change: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "endpoints", b"endpoints", "healthy", b"healthy", "last_error", b"last_error", "seconds_since_last_change", b"seconds_since_last_change", "seconds_since_last_success", b"seconds_since_last_success", "source", b"source", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscoveryStatus: _TypeAlias = DiscoveryStatus  # noqa: Y015
