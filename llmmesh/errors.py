@@ -34,6 +34,8 @@ class MeshError(Exception):
     """Base of every error llm-mesh reports to a caller."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: The status another service answered, when this error translates a failed call to it.
+    upstream_code: grpc.StatusCode | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -107,17 +109,22 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
-    """Translate a failed call to another llm-mesh service into our error tree."""
+    """Translate a failed call to another llm-mesh service into our error tree.
+
+    The result's :attr:`MeshError.upstream_code` keeps the status the other service answered.
+    """
     code = exc.code()
     details = exc.details() or code.name
+    error: MeshError
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        error: MeshError = MeshError(details)
+        error = MeshError(details)
         error.code = grpc.StatusCode.INVALID_ARGUMENT
-        return error
-    cls = _BY_CODE.get(code)
-    if cls is not None:
-        return cls(f"{peer}: {details}" if peer and cls is Unavailable else details)
-    return Unavailable(f"{peer or 'upstream'} failed: {code.name}: {details}")
+    elif (cls := _BY_CODE.get(code)) is not None:
+        error = cls(f"{peer}: {details}" if peer and cls is Unavailable else details)
+    else:
+        error = Unavailable(f"{peer or 'upstream'} failed: {code.name}: {details}")
+    error.upstream_code = code
+    return error
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:

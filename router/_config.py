@@ -64,6 +64,12 @@ class RouterConfig(ServerSettings, ConsulSettings):
         default=timedelta(minutes=10),
         metadata={"help": "deadline given to a worker when the caller sets none"},
     )
+    max_attempts: int = field(
+        default=3,
+        metadata={
+            "help": "workers a request may be tried on when one fails before its first token"
+        },
+    )
     policy: PolicyName = field(
         default="least-loaded", metadata={"help": "load-balancing policy: least-loaded"}
     )
@@ -102,6 +108,8 @@ class RouterConfig(ServerSettings, ConsulSettings):
             raise ValueError("cache_timeout: must be > 0")
         if self.max_request_time <= timedelta(0):
             raise ValueError("max_request_time: must be > 0")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: must be >= 1 (got {self.max_attempts})")
         if self.max_tokens_limit <= 0:
             raise ValueError(f"max_tokens_limit: must be > 0 (got {self.max_tokens_limit})")
         if not 0 < self.default_max_tokens <= self.max_tokens_limit:

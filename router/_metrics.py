@@ -71,6 +71,11 @@ DISCOVERY_LAST_CHANGE = Gauge(
     "Unix time when the discovered set of workers last changed.",
     ["source"],
 )
+RETRIES = Counter(
+    "llmmesh_router_retries_total",
+    "Requests sent to another worker after one failed before the first token, by status code.",
+    ["code"],
+)
 
 
 class DiscoveryMetrics:

@@ -19,6 +19,7 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 import uuid
@@ -55,6 +56,14 @@ log = structlog.get_logger(__name__)
 _Context = grpc.aio.ServicerContext[Any, Any]
 _TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _FINISHED = frozenset({generate_pb2.FINISH_REASON_STOP, generate_pb2.FINISH_REASON_LENGTH})
+#: Worker statuses after which a request that has not produced a token goes to another worker:
+#: the worker is gone, draining or full. An INTERNAL error may be the request's own doing, and
+#: DEADLINE_EXCEEDED leaves no time, so neither is retried.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+#: Largest jittered pause before the n-th retry is n times this.
+_RETRY_BACKOFF_S = 0.02
+#: No retry is started with less of the caller's deadline left than this.
+_MIN_RETRY_BUDGET_S = 0.05
 # A cached answer is streamed in pieces of this many characters.
 _CACHED_CHUNK_CHARS = 256
 
@@ -85,9 +94,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         *,
         limits: Limits,
         max_request_time: timedelta,
+        max_attempts: int = 3,
         cache: ResponseCache | None = None,
     ) -> None:
         self.pool = pool
+        self.max_attempts = max_attempts
         self.policy = policy
         self.limits = limits
         #: Replaced by :class:`RouterApp` once the event loop runs (channels need one).
@@ -122,19 +133,31 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 for chunk in _cached_chunks(call, entry, "GenerateStream"):
                     yield chunk
                 return
-            worker = self._pick(call)
-            scope.note(worker_id=worker.worker_id)
-            with self.pool.in_flight(worker):
-                stream = worker.stub.GenerateStream(call.request, timeout=self._timeout(context))
-                # However the caller's RPC ends (cancelled, out of time, failed), the worker's call
-                # ends with it and the worker aborts the engine request. Cancelling a finished
-                # call is a no-op.
-                context.add_done_callback(_cancel_on_done(stream))
-                try:
-                    async for chunk in self._relay(call, worker, stream):
-                        yield chunk
-                finally:
-                    stream.cancel()
+            tried: list[Worker] = []
+            while True:
+                worker = self._pick(call, tried)
+                scope.note(worker_id=worker.worker_id)
+                relayed = False
+                with self.pool.in_flight(worker):
+                    stream = worker.stub.GenerateStream(
+                        call.request, timeout=self._timeout(context)
+                    )
+                    # However the caller's RPC ends (cancelled, out of time, failed), the worker's
+                    # call ends with it and the worker aborts the engine request. Cancelling a
+                    # finished call is a no-op.
+                    context.add_done_callback(_cancel_on_done(stream))
+                    try:
+                        async for chunk in self._relay(call, worker, stream):
+                            relayed = True
+                            yield chunk
+                        return
+                    except errors.MeshError as exc:
+                        # After the first chunk the caller has part of an answer: never retried.
+                        if relayed:
+                            raise
+                        await self._before_retry(exc, worker, tried, call, context)
+                    finally:
+                        stream.cancel()
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: _Context
@@ -172,13 +195,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return generate_pb2.GenerateResponse(
                 request_id=request_id, model=request.model, text=entry.text, summary=summary
             )
-        worker = self._pick(call)
-        scope.note(worker_id=worker.worker_id)
-        with self.pool.in_flight(worker):
-            try:
-                response = await worker.stub.Generate(call.request, timeout=self._timeout(context))
-            except grpc.aio.AioRpcError as exc:
-                raise self._worker_error(worker, exc) from None
+        tried: list[Worker] = []
+        while True:
+            worker = self._pick(call, tried)
+            scope.note(worker_id=worker.worker_id)
+            with self.pool.in_flight(worker):
+                try:
+                    response = await worker.stub.Generate(
+                        call.request, timeout=self._timeout(context)
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    error = self._worker_error(worker, exc)
+            # A unary caller has seen nothing yet, so any attempt may be retried.
+            await self._before_retry(error, worker, tried, call, context)
         summary = response.summary
         total_ms = call.elapsed_ms()
         # The router sees a unary answer only whole; its first token existed as long before the
@@ -233,11 +263,48 @@ class RouterService(router_pb2_grpc.RouterServicer):
             )
         return entry
 
-    def _pick(self, call: _Call) -> Worker:
-        candidates = self.pool.healthy(call.request.model)
+    def _pick(self, call: _Call, tried: Sequence[Worker] = ()) -> Worker:
+        """The policy's choice among the healthy workers of the model not tried yet."""
+        candidates = self._untried(call, tried)
         if not candidates:
             raise errors.Unavailable(self._no_worker_message(call.request.model))
         return self.policy.choose(candidates)
+
+    def _untried(self, call: _Call, tried: Sequence[Worker]) -> list[Worker]:
+        return [w for w in self.pool.healthy(call.request.model) if w not in tried]
+
+    async def _before_retry(
+        self,
+        error: errors.MeshError,
+        worker: Worker,
+        tried: list[Worker],
+        call: _Call,
+        context: _Context,
+    ) -> None:
+        """Raise ``error`` unless the request may go to another worker; else back off.
+
+        A request is retried when its worker was unavailable (gone, draining, failed) or full,
+        at most ``max_attempts`` times in all, on a different healthy worker each time, and only
+        while the caller's deadline leaves room for another attempt. Otherwise the caller gets
+        the last worker's own error.
+        """
+        tried.append(worker)
+        remaining: float | None = context.time_remaining()
+        if (
+            error.upstream_code not in _RETRYABLE
+            or len(tried) >= self.max_attempts
+            or (remaining is not None and remaining < _MIN_RETRY_BUDGET_S)
+            or not self._untried(call, tried)
+        ):
+            raise error
+        metrics.RETRIES.labels(error.upstream_code.name).inc()
+        log.info(
+            "retrying on another worker",
+            failed_worker=worker.describe(),
+            attempt=len(tried) + 1,
+            error=error.message,
+        )
+        await asyncio.sleep(random.uniform(0, _RETRY_BACKOFF_S * len(tried)))
 
     def _no_worker_message(self, model: str) -> str:
         """Why a known model has no worker to take a request now."""
@@ -485,6 +552,7 @@ class RouterApp:
             policy if policy is not None else make_policy(config.policy),
             limits=config.limits,
             max_request_time=config.max_request_time,
+            max_attempts=config.max_attempts,
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -47,6 +47,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.fail_with: grpc.StatusCode | None = None
         #: When true, GenerateStream ends without its summary chunk (a broken worker).
         self.omit_summary = False
+        #: When set, GenerateStream fails with UNAVAILABLE after this many chunks.
+        self.fail_after_chunks: int | None = None
         self.requests: list[generate_pb2.GenerateRequest] = []
         #: context.time_remaining() as each request saw it on arrival.
         self.time_remaining: list[float | None] = []
@@ -106,6 +108,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             await self._begin(request, context)
             words = self.answer(request.prompt).split()
             for i, word in enumerate(words):
+                if i == self.fail_after_chunks:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake worker died mid-stream")
                 if i and self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 text = word if i == 0 else " " + word

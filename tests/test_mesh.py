@@ -324,3 +324,60 @@ class TestLifecycle:
         finally:
             _close_mesh(mesh)
             redis.close()
+
+
+class TestWorkerLoss:
+    """A worker killed under load fails no request that had not started streaming."""
+
+    async def test_sigkill_under_concurrent_load(self) -> None:
+        """Unary callers never fail; streaming callers fail only after their first chunk."""
+        workers = [
+            ServiceProcess("worker", [*WORKER_ARGS, "--worker-id", f"w{i}"]).start() for i in (1, 2)
+        ]
+        router = ServiceProcess(
+            "router",
+            ["--workers", ",".join(w.address for w in workers), "--cache-address", ""],
+        ).start()
+        try:
+            async with grpc.aio.insecure_channel(router.address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                outcomes: list[tuple[str, int, str]] = []
+
+                async def one(i: int, streaming: bool) -> None:
+                    req = request(f"question {i}", max_tokens=120, temperature=0.0)
+                    req.cache_policy = generate_pb2.CACHE_POLICY_BYPASS
+                    chunks = 0
+                    try:
+                        if streaming:
+                            async for chunk in stub.GenerateStream(req, timeout=30):
+                                chunks += bool(chunk.text)
+                        else:
+                            await stub.Generate(req, timeout=30)
+                        outcomes.append(("stream" if streaming else "unary", chunks, "OK"))
+                    except grpc.aio.AioRpcError as exc:
+                        kind = "stream" if streaming else "unary"
+                        outcomes.append((kind, chunks, exc.code().name))
+
+                tasks = [asyncio.create_task(one(i, i % 2 == 0)) for i in range(80)]
+
+                async def w1_is_busy() -> bool:
+                    table = await stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5)
+                    return any(w.worker_id == "w1" and w.in_flight >= 10 for w in table.workers)
+
+                await assert_eventually(w1_is_busy, timeout=10, message="w1 never got traffic")
+                workers[0].kill()
+                # Requests arriving after the kill must fail over too.
+                tasks += [asyncio.create_task(one(100 + i, i % 2 == 0)) for i in range(40)]
+                await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        finally:
+            router.close()
+            for w in workers:
+                w.close()
+        assert len(outcomes) == 120
+        failed_before_streaming = [o for o in outcomes if o[2] != "OK" and o[1] == 0]
+        assert failed_before_streaming == []
+        assert all(code == "UNAVAILABLE" for _, _, code in outcomes if code != "OK")
+        assert all(code == "OK" for kind, _, code in outcomes if kind == "unary")
+        assert any(kind == "stream" and code != "OK" for kind, _, code in outcomes), (
+            "no stream was cut by the kill: the test did not exercise a mid-stream loss"
+        )

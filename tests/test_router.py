@@ -890,3 +890,104 @@ class TestProcess:
             ("proc-2", "NOT_FOUND"),
         ]
         assert all(r["service"] == "router" for r in records)
+
+
+class TestFailover:
+    """A worker that fails before the first token is replaced by another; after it, never."""
+
+    @pytest.mark.parametrize("streaming", [False, True])
+    @pytest.mark.parametrize(
+        "code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    )
+    async def test_failure_before_first_token_is_retried_elsewhere(
+        self, streaming: bool, code: grpc.StatusCode
+    ) -> None:
+        """Every request succeeds on the healthy worker while the other one fails."""
+        bad, good = FakeWorker("bad"), FakeWorker("good")
+        bad.fail_with = code
+        retries = metric("llmmesh_router_retries_total", code=code.name)
+        async with (
+            serving(bad, good) as servers,
+            running_router([s.address for s in servers]) as router,
+        ):
+            await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 2)
+            texts = [
+                await generate(router, request(f"q{i}"), streaming=streaming) for i in range(8)
+            ]
+        assert texts == [good.answer(f"q{i}") for i in range(8)]
+        assert len(good.requests) == 8
+        assert bad.requests, "the failing worker was never tried: the test proves nothing"
+        assert metric("llmmesh_router_retries_total", code=code.name) - retries == len(bad.requests)
+
+    async def test_failure_after_first_token_reaches_the_caller(self) -> None:
+        """A stream that broke after its first chunk is UNAVAILABLE, not silently restarted."""
+        broken, spare = FakeWorker("broken"), FakeWorker("spare")
+        broken.fail_after_chunks = 1
+        spare.fail_with = grpc.StatusCode.INTERNAL  # must never be called
+        async with (
+            serving(broken) as first,
+            running_router([first[0].address]) as router,
+            serving(spare),
+        ):
+            chunks: list[generate_pb2.GenerateStreamResponse] = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _read_into(router.stub.GenerateStream(request("tell me"), timeout=5), chunks)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [c.text for c in chunks] == ["broken"]
+        assert spare.requests == []
+
+    async def test_failure_after_first_token_is_not_retried_on_a_healthy_worker(self) -> None:
+        """Even with a healthy worker available, a half-streamed answer is not replayed."""
+        broken, healthy = FakeWorker("broken"), FakeWorker("healthy")
+        broken.fail_after_chunks = 1
+        async with (
+            serving(broken, healthy) as servers,
+            running_router([s.address for s in servers]) as router,
+        ):
+            await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 2)
+            outcomes = []
+            for i in range(6):
+                try:
+                    await generate(router, request(f"q{i}"), streaming=True)
+                    outcomes.append("ok")
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code().name)
+        assert len(broken.requests) + len(healthy.requests) == 6
+        assert outcomes.count("UNAVAILABLE") == len(broken.requests) > 0
+
+    async def test_non_retryable_errors_are_not_retried(self) -> None:
+        """A worker's DEADLINE_EXCEEDED or INTERNAL goes straight to the caller."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        a.fail_with = b.fail_with = grpc.StatusCode.INTERNAL
+        async with (
+            serving(a, b) as servers,
+            running_router([s.address for s in servers]) as router,
+        ):
+            await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 2)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await router.stub.Generate(request(), timeout=5)
+        assert len(a.requests) + len(b.requests) == 1
+
+    async def test_attempts_are_bounded(self) -> None:
+        """With every worker failing, a request is tried on at most max_attempts of them."""
+        fakes = [FakeWorker(f"w{i}") for i in range(4)]
+        for fake in fakes:
+            fake.fail_with = grpc.StatusCode.UNAVAILABLE
+        async with (
+            serving(*fakes) as servers,
+            running_router([s.address for s in servers], max_attempts=2) as router,
+        ):
+            await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 4)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await router.stub.Generate(request(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sum(len(f.requests) for f in fakes) == 2
+
+
+async def _read_into(
+    call: grpc.aio.UnaryStreamCall[Any, generate_pb2.GenerateStreamResponse],
+    chunks: list[generate_pb2.GenerateStreamResponse],
+) -> None:
+    """Append every chunk of ``call`` to ``chunks`` (so they survive the call's failure)."""
+    async for chunk in call:
+        chunks.append(chunk)
