@@ -132,21 +132,15 @@ class ConsulMesh:
         )
 
     async def ask(
-        self, model: str = MODEL, *, max_tokens: int = 4, retries: int = 0
+        self, model: str = MODEL, *, max_tokens: int = 4
     ) -> generate_pb2.GenerateResponse:
-        """One unary request; a client that retries UNAVAILABLE ``retries`` times."""
+        """One unary request, by a client that never retries (the router fails over)."""
         request = generate_pb2.GenerateRequest(
             model=model,
             prompt=f"question {time.monotonic_ns()}",
             sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.7),
         )
-        for attempt in range(retries + 1):
-            try:
-                return await self.stub.Generate(request, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
-                    raise
-        raise AssertionError("unreachable")
+        return await self.stub.Generate(request, timeout=10)
 
     async def served_by(self, worker_id: str) -> bool:
         return (await self.ask()).summary.worker_id == worker_id
@@ -212,9 +206,9 @@ async def scenario_new_worker_gets_traffic_within_a_second(mesh: ConsulMesh) -> 
 
 
 async def scenario_sigkilled_worker_leaves_after_its_ttl(mesh: ConsulMesh) -> None:
-    """A client that retries UNAVAILABLE once never fails; once the worker's TTL has run
-    out and a query returned, it is out of the table and every request goes to the
-    survivor."""
+    """No request fails (the router retries one whose worker died before answering on the
+    survivor); once the worker's TTL has run out and a query returned, it is out of the table
+    and every request goes to the survivor."""
     await asyncio.gather(mesh.start_worker("w1"), mesh.start_worker("w2"))
     await mesh.start_router()
     await mesh.wait_routed("w1", "w2")
@@ -225,7 +219,7 @@ async def scenario_sigkilled_worker_leaves_after_its_ttl(mesh: ConsulMesh) -> No
     async def client() -> None:
         while not stop.is_set():
             try:
-                await mesh.ask(retries=1)
+                await mesh.ask()
             except grpc.aio.AioRpcError as exc:
                 failures.append(f"{exc.code().name}: {exc.details()}")
 
@@ -305,8 +299,8 @@ async def scenario_table_converges_when_consul_is_back(mesh: ConsulMesh) -> None
     await asyncio.to_thread(mesh.workers["w2"].kill)
     await mesh.start_worker("w3")  # registration refused: it serves and keeps trying
     assert "w3" not in await mesh.listed()
-    # The last known set still routes (a request that met the dying w2 is retried once).
-    assert {(await mesh.ask(retries=1)).summary.worker_id for _ in range(4)} <= {"w1", "w2"}
+    # The last known set still routes; a request that meets the dead w2 fails over to w1.
+    assert {(await mesh.ask()).summary.worker_id for _ in range(4)} <= {"w1", "w2"}
 
     await mesh.agent.come_back()
     await mesh.wait_routed("w1", "w3", timeout=8)
