@@ -15,6 +15,7 @@ import pytest
 
 from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
+from tests.engine_contract import run, text_of
 from tests.harness import ServiceProcess, assert_eventually
 from tests.tiny_model import N_POSITIONS, build_tiny_model
 from worker import WorkerConfig
@@ -63,26 +64,6 @@ def request(
         sampling=replace(GREEDY, **sampling),
         deadline=deadline,
     )
-
-
-async def run(engine: HfEngine, req: EngineRequest) -> tuple[list[str], Completion]:
-    """Every text delta of ``req`` and its completion (which must come last, once)."""
-    deltas: list[str] = []
-    completions: list[Completion] = []
-    async for item in engine.generate(req):
-        assert not completions, "nothing may follow the completion"
-        if isinstance(item, TextDelta):
-            assert item.text
-            deltas.append(item.text)
-        else:
-            completions.append(item)
-    assert len(completions) == 1
-    return deltas, completions[0]
-
-
-async def text_of(engine: HfEngine, req: EngineRequest) -> str:
-    deltas, _ = await run(engine, req)
-    return "".join(deltas)
 
 
 EngineFactory = Callable[..., AbstractAsyncContextManager[HfEngine]]

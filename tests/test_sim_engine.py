@@ -13,10 +13,10 @@ from datetime import timedelta
 import pytest
 
 from llmmesh.validation import Sampling
+from tests.engine_contract import run, text_of
 from tests.harness import assert_eventually
 from worker.engines import (
     Completion,
-    Engine,
     EngineError,
     EngineRequest,
     SimEngine,
@@ -51,26 +51,6 @@ def request(prompt: str = "Tell me about meshes.", **sampling: object) -> Engine
         prompt=prompt,
         sampling=replace(GREEDY, **sampling),  # type: ignore[arg-type]
     )
-
-
-async def run(engine: Engine, req: EngineRequest) -> tuple[list[str], Completion]:
-    """Every text delta of ``req`` and its completion (which must come last, once)."""
-    deltas: list[str] = []
-    completions: list[Completion] = []
-    async for item in engine.generate(req):
-        assert not completions, "nothing may follow the completion"
-        if isinstance(item, TextDelta):
-            assert item.text
-            deltas.append(item.text)
-        else:
-            completions.append(item)
-    assert len(completions) == 1
-    return deltas, completions[0]
-
-
-async def text_of(engine: Engine, req: EngineRequest) -> str:
-    deltas, _ = await run(engine, req)
-    return "".join(deltas)
 
 
 EngineFactory = Callable[..., AbstractAsyncContextManager[SimEngine]]

@@ -21,6 +21,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
 from tests.doubles.triton_server import TritonDouble
+from tests.engine_contract import run
 from tests.harness import ServiceProcess, assert_eventually
 from worker.engines import Completion, EngineError, EngineRequest, TextDelta
 from worker.engines.triton import (
@@ -50,22 +51,6 @@ def request(
         sampling=replace(GREEDY, **sampling),
         deadline=deadline,
     )
-
-
-async def run(engine: TritonEngine, req: EngineRequest) -> tuple[list[str], Completion]:
-    """Every delta of ``req`` and its completion, which must come last, once."""
-    deltas: list[str] = []
-    completions: list[Completion] = []
-    async with asyncio.timeout(10):
-        async for item in engine.generate(req):
-            assert not completions, "nothing may follow the completion"
-            if isinstance(item, TextDelta):
-                assert item.text, "deltas are never empty"
-                deltas.append(item.text)
-            else:
-                completions.append(item)
-    assert len(completions) == 1
-    return deltas, completions[0]
 
 
 async def consume(

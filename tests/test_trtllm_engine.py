@@ -28,6 +28,7 @@ import pytest
 
 from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
+from tests.engine_contract import run
 from tests.harness import ServiceProcess, assert_eventually
 from worker import WorkerConfig
 from worker.engines import Completion, EngineError, EngineRequest, TextDelta, create_engine
@@ -57,21 +58,6 @@ def request(
         sampling=replace(GREEDY, **sampling),
         deadline=deadline,
     )
-
-
-async def run(engine: TrtllmEngine, req: EngineRequest) -> tuple[list[str], Completion]:
-    """Every text delta of ``req`` and its completion (which must come last, once)."""
-    deltas: list[str] = []
-    completions: list[Completion] = []
-    async for item in engine.generate(req):
-        assert not completions, "nothing may follow the completion"
-        if isinstance(item, TextDelta):
-            assert item.text, "deltas are never empty"
-            deltas.append(item.text)
-        else:
-            completions.append(item)
-    assert len(completions) == 1
-    return deltas, completions[0]
 
 
 @pytest.fixture
