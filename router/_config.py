@@ -71,7 +71,50 @@ class RouterConfig(ServerSettings, ConsulSettings):
         },
     )
     policy: PolicyName = field(
-        default="least-loaded", metadata={"help": "load-balancing policy: least-loaded"}
+        default="least-loaded",
+        metadata={
+            "help": "load-balancing policy: least-loaded (lowest load score from the workers' "
+            "reports), power-of-two (the lower of two random workers), round-robin, random"
+        },
+    )
+    load_stale_after: timedelta = field(
+        default=timedelta(seconds=1),
+        metadata={
+            "help": "a worker whose last load report is older than this gets no new requests "
+            "until reports resume (reports are asked for 4 times as often)"
+        },
+    )
+    eject_after_failures: int = field(
+        default=3,
+        metadata={
+            "help": "consecutive failed calls (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS) that "
+            "eject a worker for a cool-down; 0 never ejects"
+        },
+    )
+    eject_cooldown: timedelta = field(
+        default=timedelta(seconds=5),
+        metadata={
+            "help": "how long an ejected worker gets no requests before one probe request "
+            "decides whether it returns; doubled on each ejection in a row"
+        },
+    )
+    eject_cooldown_max: timedelta = field(
+        default=timedelta(minutes=1),
+        metadata={"help": "longest ejection cool-down, however many ejections in a row"},
+    )
+    admission_queue_size: int = field(
+        default=1024,
+        metadata={
+            "help": "requests per model that may wait in the router while every worker is full "
+            "(beyond: RESOURCE_EXHAUSTED); 0 turns them away at once"
+        },
+    )
+    admission_max_wait: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata={
+            "help": "longest a request waits for a free worker before RESOURCE_EXHAUSTED (the "
+            "caller's deadline, when sooner, ends the wait with DEADLINE_EXCEEDED)"
+        },
     )
     default_max_tokens: int = field(
         default=_LIMIT_DEFAULTS.default_max_tokens,
@@ -110,6 +153,22 @@ class RouterConfig(ServerSettings, ConsulSettings):
             raise ValueError("max_request_time: must be > 0")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts: must be >= 1 (got {self.max_attempts})")
+        if self.load_stale_after <= timedelta(0):
+            raise ValueError("load_stale_after: must be > 0")
+        if self.eject_after_failures < 0:
+            raise ValueError(
+                f"eject_after_failures: must be >= 0 (got {self.eject_after_failures})"
+            )
+        if self.eject_cooldown <= timedelta(0):
+            raise ValueError("eject_cooldown: must be > 0")
+        if self.eject_cooldown_max < self.eject_cooldown:
+            raise ValueError("eject_cooldown_max: must be >= eject_cooldown")
+        if self.admission_queue_size < 0:
+            raise ValueError(
+                f"admission_queue_size: must be >= 0 (got {self.admission_queue_size})"
+            )
+        if self.admission_max_wait <= timedelta(0):
+            raise ValueError("admission_max_wait: must be > 0")
         if self.max_tokens_limit <= 0:
             raise ValueError(f"max_tokens_limit: must be > 0 (got {self.max_tokens_limit})")
         if not 0 < self.default_max_tokens <= self.max_tokens_limit:

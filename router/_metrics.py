@@ -77,6 +77,27 @@ RETRIES = Counter(
     ["code"],
 )
 
+EJECTIONS = Counter(
+    "llmmesh_router_ejections_total",
+    "Workers ejected for a cool-down after consecutive failures (or a failed probe).",
+    ["worker_id"],
+)
+QUEUE_DEPTH = Gauge(
+    "llmmesh_router_queue_depth",
+    "Requests waiting in the router's admission queue for a free worker, by model.",
+    ["model"],
+)
+QUEUE_WAIT = Histogram(
+    "llmmesh_router_queue_wait_seconds",
+    "Time requests waited in the router's admission queue (admitted or not).",
+    buckets=_LATENCY_BUCKETS,
+)
+REJECTED = Counter(
+    "llmmesh_router_rejected_total",
+    "Requests the admission queue turned away, by reason: queue_full, max_wait, deadline.",
+    ["reason"],
+)
+
 
 class DiscoveryMetrics:
     """Keeps the discovery metrics in step with a source's :class:`DiscoveryStatus`."""

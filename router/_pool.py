@@ -11,17 +11,33 @@ that runs the worker's life cycle::
             │   jittered backoff                                                            │
             └───────────────────────────────────────────────────────────────────────────────┘
 
-Only HEALTHY workers get traffic. The pool also counts the requests this router has in flight on
-each worker (the load the balancer sees) and remembers every model any worker ever reported, so
-that a request for a model whose workers are all down is UNAVAILABLE rather than NOT_FOUND.
+That is the worker's *health* (:attr:`Worker.health`). Its *state* (:attr:`Worker.state`, what
+ListWorkers shows and what routing obeys) also depends on its load reports and its record:
+
+- **load reports**: every worker in the table has one ``Worker.WatchLoad`` stream (reconnected with
+  jittered backoff, supervised). The last report and ``sent_since_report`` (requests this router
+  sent it since that report) make its load score (router/_balancer.py). A worker that has reported
+  but whose last report is older than ``load_stale_after`` is SUSPECT (no new requests; those in
+  flight finish) until reports resume; one that has not reported yet is routed on this router's
+  in-flight count alone, so that startup never waits for reports. A report with
+  ``serving=false`` makes it DRAINING at once, until a report says it serves again;
+- **ejection**: ``eject_after_failures`` consecutive failed calls (see :meth:`Lease.failed`) make
+  it EJECTED for a cool-down (``eject_cooldown``, doubled on each ejection in a row up to
+  ``eject_cooldown_max``). After the cool-down it is due a probe: exactly one real request is
+  sent to it (:attr:`Worker.probe_due`); success makes it HEALTHY again and resets the cool-down,
+  failure ejects it again.
+
+Only HEALTHY workers (and an ejected worker due its probe, for one request) get traffic. The pool
+counts the requests this router has in flight on each worker (:meth:`WorkerPool.lease`) and
+remembers every model any worker ever reported, so that a request for a model whose workers are
+all down is UNAVAILABLE rather than NOT_FOUND. Listeners (:meth:`WorkerPool.subscribe`) hear of
+every change that may free capacity for a model: a load report, a request ending, a worker
+becoming routable.
 
 What discovery knows of a worker (Consul's service meta: model, engine, capacity) describes it
 until it answers GetInfo, whose answer is authoritative; a worker whose model the meta names is
 routed to only once GetInfo confirms it. A worker that leaves the discovery set leaves the table
 at once; the requests still on it finish on its channel, which is closed after them.
-
-Later additions slot in here: load reports from ``Worker.WatchLoad`` (DRAINING when a worker says it
-is not serving), and ejection after consecutive failures (EJECTED).
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ from llmmesh.discovery import Discovery, DiscoveryStatus, Endpoint, ReportsStatu
 from llmmesh.server import MiB, grpc_channel_options
 from llmmesh.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from router import _metrics as metrics
+from router._balancer import LoadReport
 
 log = structlog.get_logger(__name__)
 
@@ -73,20 +90,75 @@ class WorkerState(enum.Enum):
 class Worker:
     """One row of the routing table."""
 
-    def __init__(self, endpoint: Endpoint, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, endpoint: Endpoint, channel: grpc.aio.Channel, *, stale_after: float = 1.0
+    ) -> None:
         self.endpoint = endpoint
         self.channel = channel
         self.stub: worker_pb2_grpc.WorkerAsyncStub = worker_pb2_grpc.WorkerStub(channel)
         #: The worker's own description, from its last GetInfo answer (None until it answers).
         self.info: worker_pb2.GetInfoResponse | None = None
-        self.state = WorkerState.SUSPECT
+        #: HEALTHY once it answers GetInfo, SUSPECT while it does not (see :attr:`state`).
+        self.health = WorkerState.SUSPECT
         #: Requests this router has in flight on the worker.
         self.in_flight = 0
+        #: Its last load report (None before the first).
+        self.report: LoadReport | None = None
+        #: Requests this router has sent it since its last load report.
+        self.sent_since_report = 0
+        #: A report with serving=false came last: no new requests.
+        self.draining = False
+        #: Reports older than this many seconds make the worker SUSPECT.
+        self.stale_after = stale_after
+        #: Failed calls in a row (reset by a successful one).
+        self.consecutive_failures = 0
+        #: Ejections in a row (the cool-down doubles with each; reset by a successful probe).
+        self.ejections = 0
+        #: time.monotonic() when its cool-down ends; None while not ejected.
+        self.ejected_until: float | None = None
+        #: Its probe request is in flight.
+        self.probing = False
         #: Why the worker last failed to answer ("" when it never failed).
         self.last_error = ""
         self.lost = asyncio.Event()
         self.probed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.load_task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> WorkerState:
+        """Its state for routing and ListWorkers (see the module doc)."""
+        if self.health is not WorkerState.HEALTHY:
+            return self.health
+        if self.draining:
+            return WorkerState.DRAINING
+        if self.ejected_until is not None:
+            return WorkerState.EJECTED
+        if self.report_stale():
+            return WorkerState.SUSPECT
+        return WorkerState.HEALTHY
+
+    def report_age(self, now: float | None = None) -> float | None:
+        """Seconds since its last load report (None when it never reported)."""
+        if self.report is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.report.received
+
+    def report_stale(self) -> bool:
+        """It has reported, but not for longer than ``stale_after``."""
+        age = self.report_age()
+        return age is not None and age > self.stale_after
+
+    @property
+    def probe_due(self) -> bool:
+        """Ejected, its cool-down over, and no probe in flight: the next request may probe it."""
+        return (
+            self.ejected_until is not None
+            and not self.probing
+            and self.health is WorkerState.HEALTHY
+            and not self.draining
+            and time.monotonic() >= self.ejected_until
+        )
 
     @property
     def address(self) -> str:
@@ -131,6 +203,48 @@ class Worker:
         return f"<Worker {self.worker_id or '?'} {self.address} {self.state.name}>"
 
 
+class Lease:
+    """One request of this router on a worker: counted in its load from :meth:`WorkerPool.lease`
+    to :meth:`release` (a ``with`` block releases it), and the place its outcome is told.
+
+    Outcomes make the worker's record: :meth:`succeeded` (the worker answered, or produced its
+    first chunk) resets its consecutive failures; :meth:`failed` counts one (see
+    :data:`router._service` for which statuses are failures). A lease released with neither told
+    (the caller cancelled or ran out of time) changes nothing. Only the probe lease of an
+    ejected worker decides whether it comes back.
+    """
+
+    def __init__(self, pool: WorkerPool, worker: Worker, *, probe: bool) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.probe = probe
+        self._released = False
+        self._told = False
+
+    def succeeded(self) -> None:
+        """The worker did its part (told once; later calls are ignored)."""
+        if not self._told:
+            self._told = True
+            self.pool._succeeded(self)
+
+    def failed(self, reason: str) -> None:
+        """The worker failed the request (a success told before is overridden by one failure)."""
+        self._told = True
+        self.pool._failed(self, reason)
+
+    def release(self) -> None:
+        """The request has left the worker. Idempotent."""
+        if not self._released:
+            self._released = True
+            self.pool._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class WorkerPool:
     """The routing table, kept in step with a :class:`~llmmesh.discovery.Discovery`."""
 
@@ -143,6 +257,10 @@ class WorkerPool:
         backoff_base: timedelta = timedelta(milliseconds=50),
         backoff_max: timedelta = timedelta(seconds=1),
         close_grace: timedelta = timedelta(seconds=30),
+        load_stale_after: timedelta = timedelta(seconds=1),
+        eject_after_failures: int = 3,
+        eject_cooldown: timedelta = timedelta(seconds=5),
+        eject_cooldown_max: timedelta = timedelta(minutes=1),
         rng: random.Random | None = None,
     ) -> None:
         self._discovery = discovery
@@ -151,7 +269,13 @@ class WorkerPool:
         self._backoff_base = backoff_base.total_seconds()
         self._backoff_max = backoff_max.total_seconds()
         self._close_grace = close_grace.total_seconds()
+        self._load_stale_after = load_stale_after.total_seconds()
+        self._eject_after_failures = eject_after_failures
+        self._eject_cooldown = eject_cooldown.total_seconds()
+        self._eject_cooldown_max = eject_cooldown_max.total_seconds()
         self._rng = rng or random.Random()
+        self._listeners: list[Callable[[str], None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
         self._workers: dict[str, Worker] = {}
         self._retired: list[grpc.aio.Channel] = []
         self._known_models: set[str] = set()
@@ -171,7 +295,10 @@ class WorkerPool:
         if isinstance(self._discovery, ReportsStatus):
             self._discovery.subscribe(self._discovery_metrics.observe)
         self._spawn(self._keep_running("discovery", self._follow_discovery), name="discovery")
-        self._update_state_gauge()
+        for state in WorkerState:
+            metrics.WORKERS.labels(state.name.lower()).set_function(
+                lambda state=state: self._count(state)  # type: ignore[misc]
+            )
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until discovery gave its first set and every worker was probed once (or failed to
@@ -192,6 +319,8 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        for timer in self._timers:
+            timer.cancel()
         channels = [w.channel for w in self._workers.values()] + self._retired
         self._workers.clear()
         tasks = list(self._tasks)
@@ -208,10 +337,23 @@ class WorkerPool:
         return list(self._workers.values())
 
     def healthy(self, model: str) -> list[Worker]:
-        """The HEALTHY workers serving ``model``."""
+        """The HEALTHY workers serving ``model`` (in state HEALTHY: see the module doc)."""
         return [
-            w for w in self._workers.values() if w.state is WorkerState.HEALTHY and w.model == model
+            w for w in self._workers.values() if w.model == model and w.state is WorkerState.HEALTHY
         ]
+
+    def candidates(self, model: str) -> list[Worker]:
+        """The workers of ``model`` that may take a request now: HEALTHY ones, and ejected ones
+        due their probe."""
+        return [
+            w
+            for w in self._workers.values()
+            if w.model == model and (w.state is WorkerState.HEALTHY or w.probe_due)
+        ]
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(model)`` whenever capacity for ``model`` may have freed up."""
+        self._listeners.append(listener)
 
     @property
     def known_models(self) -> frozenset[str]:
@@ -230,17 +372,86 @@ class WorkerPool:
         """How many workers have not answered GetInfo yet."""
         return sum(1 for w in self._workers.values() if w.info is None)
 
-    @contextlib.contextmanager
-    def in_flight(self, worker: Worker) -> Iterator[None]:
-        """Count a request on ``worker`` for the duration of the block."""
-        label = worker.worker_id or worker.address
+    def lease(self, worker: Worker, *, probe: bool = False) -> Lease:
+        """Count a request on ``worker`` from now until the lease is released; ``probe``: it is
+        the one request that decides whether an ejected worker comes back."""
         worker.in_flight += 1
-        metrics.WORKER_IN_FLIGHT.labels(label).inc()
-        try:
-            yield
-        finally:
-            worker.in_flight -= 1
-            metrics.WORKER_IN_FLIGHT.labels(label).dec()
+        worker.sent_since_report += 1
+        if probe:
+            worker.probing = True
+        metrics.WORKER_IN_FLIGHT.labels(worker.worker_id or worker.address).inc()
+        return Lease(self, worker, probe=probe)
+
+    @contextlib.contextmanager
+    def in_flight(self, worker: Worker) -> Iterator[Lease]:
+        """A lease on ``worker`` for the duration of the block."""
+        with self.lease(worker) as lease:
+            yield lease
+
+    def _release(self, lease: Lease) -> None:
+        worker = lease.worker
+        worker.in_flight -= 1
+        if lease.probe:
+            worker.probing = False
+        metrics.WORKER_IN_FLIGHT.labels(worker.worker_id or worker.address).dec()
+        self._changed(worker)
+
+    def _succeeded(self, lease: Lease) -> None:
+        worker = lease.worker
+        worker.consecutive_failures = 0
+        if lease.probe and worker.ejected_until is not None:
+            worker.ejected_until = None
+            worker.ejections = 0
+            worker.probing = False
+            log.info(
+                "ejected worker answered its probe; back in rotation", worker=worker.describe()
+            )
+            self._changed(worker)
+
+    def _failed(self, lease: Lease, reason: str) -> None:
+        worker = lease.worker
+        worker.consecutive_failures += 1
+        worker.last_error = reason
+        if worker.ejected_until is not None:
+            if lease.probe:
+                worker.probing = False
+                self._eject(worker, f"its probe failed: {reason}")
+            return
+        if self._eject_after_failures and worker.consecutive_failures >= self._eject_after_failures:
+            self._eject(worker, f"{worker.consecutive_failures} failures in a row; last: {reason}")
+
+    def _eject(self, worker: Worker, reason: str) -> None:
+        cooldown = min(self._eject_cooldown_max, self._eject_cooldown * 2**worker.ejections)
+        worker.ejections += 1
+        worker.ejected_until = time.monotonic() + cooldown
+        metrics.EJECTIONS.labels(worker.worker_id or worker.address).inc()
+        log.warning(
+            "worker ejected; one probe request after the cool-down decides its return",
+            worker=worker.describe(),
+            cooldown_s=round(cooldown, 3),
+            reason=reason,
+        )
+        # Waiters may be waiting for it to be due its probe.
+        self._wake_later(cooldown, worker)
+
+    def _wake_later(self, delay: float, worker: Worker) -> None:
+        def fire() -> None:
+            self._timers.discard(handle)
+            if not self._closed:
+                self._changed(worker)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
+    def _changed(self, worker: Worker) -> None:
+        """Tell the listeners that capacity for the worker's model may have freed up."""
+        if not worker.model:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(worker.model)
+            except Exception:
+                log.exception("load listener failed")
 
     def mark_unavailable(self, worker: Worker, reason: str) -> None:
         """A call to ``worker`` failed as if it were gone: no traffic until it answers again."""
@@ -265,22 +476,26 @@ class WorkerPool:
                 self._add(endpoint)
             else:
                 worker.endpoint = endpoint
-        self._update_state_gauge()
 
     def _add(self, endpoint: Endpoint) -> None:
         channel = grpc.aio.insecure_channel(endpoint.address, options=self._channel_options)
-        worker = Worker(endpoint, channel)
+        worker = Worker(endpoint, channel, stale_after=self._load_stale_after)
         self._workers[endpoint.address] = worker
         worker.task = self._spawn(
             self._keep_running(f"worker {endpoint.address}", lambda: self._supervise(worker)),
             name=f"worker {endpoint.address}",
         )
+        worker.load_task = self._spawn(
+            self._keep_running(f"load of {endpoint.address}", lambda: self._watch_load(worker)),
+            name=f"load {endpoint.address}",
+        )
         log.info("worker added", address=endpoint.address)
 
     def _remove(self, address: str) -> None:
         worker = self._workers.pop(address)
-        if worker.task is not None:
-            worker.task.cancel()
+        for task in (worker.task, worker.load_task):
+            if task is not None:
+                task.cancel()
         if worker.worker_id:
             with contextlib.suppress(KeyError):
                 metrics.WORKER_IN_FLIGHT.remove(worker.worker_id)
@@ -296,6 +511,52 @@ class WorkerPool:
         finally:
             with contextlib.suppress(ValueError):
                 self._retired.remove(channel)
+
+    # -- load reports -----------------------------------------------------------------------
+
+    async def _watch_load(self, worker: Worker) -> None:
+        """Follow the worker's load reports for as long as it is in the table: one stream at a
+        time, reopened with jittered backoff whenever it ends or fails."""
+        # Reports come four times per stale period, so one or two late ones are not a gap.
+        interval_ms = max(10, int(self._load_stale_after * 1000 / 4))
+        attempt = 0
+        while True:
+            stream = worker.stub.WatchLoad(worker_pb2.WatchLoadRequest(interval_ms=interval_ms))
+            try:
+                async for report in stream:
+                    attempt = 0
+                    self._on_report(worker, report)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # Routed on in-flight counts alone; asked again now and then.
+                    attempt = max(attempt, 16)
+            finally:
+                stream.cancel()
+            delay = min(self._backoff_max, self._backoff_base * 2**attempt)
+            await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
+            attempt += 1
+
+    def _on_report(self, worker: Worker, report: worker_pb2.WatchLoadResponse) -> None:
+        was = worker.state
+        worker.report = LoadReport(
+            active=report.active_requests,
+            queued=report.queued_requests,
+            capacity=report.capacity,
+            kv_cache_used_fraction=report.kv_cache_used_fraction,
+            serving=report.serving,
+            received=time.monotonic(),
+            sequence=report.sequence,
+        )
+        worker.sent_since_report = 0
+        if report.serving == worker.draining:
+            worker.draining = not report.serving
+            log.info(
+                "worker draining; no new requests" if worker.draining else "worker serving again",
+                worker=worker.describe(),
+            )
+        if was is WorkerState.SUSPECT and worker.state is WorkerState.HEALTHY:
+            log.info("worker load reports resumed", worker=worker.describe())
+        self._changed(worker)
 
     # -- health -----------------------------------------------------------------------------
 
@@ -367,9 +628,9 @@ class WorkerPool:
         worker.info = info
         worker.lost.clear()
         self._known_models.add(info.model)
-        if worker.state is not WorkerState.HEALTHY:
-            worker.state = WorkerState.HEALTHY
-            self._update_state_gauge()
+        if worker.health is not WorkerState.HEALTHY:
+            worker.health = WorkerState.HEALTHY
+            self._changed(worker)
             log.info(
                 "worker healthy",
                 address=worker.address,
@@ -380,9 +641,9 @@ class WorkerPool:
             )
 
     def _set_suspect(self, worker: Worker, reason: str) -> None:
-        if worker.state is WorkerState.HEALTHY:
-            worker.state = WorkerState.SUSPECT
-            self._update_state_gauge()
+        if worker.health is WorkerState.HEALTHY:
+            worker.health = WorkerState.SUSPECT
+            self._changed(worker)
             log.warning(
                 "worker suspect; no traffic until it answers again",
                 address=worker.address,
@@ -390,10 +651,8 @@ class WorkerPool:
                 reason=reason,
             )
 
-    def _update_state_gauge(self) -> None:
-        for state in WorkerState:
-            count = sum(1 for w in self._workers.values() if w.state is state)
-            metrics.WORKERS.labels(state.name.lower()).set(count)
+    def _count(self, state: WorkerState) -> int:
+        return sum(1 for w in self._workers.values() if w.state is state)
 
     # -- task supervision -------------------------------------------------------------------
 

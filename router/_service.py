@@ -9,16 +9,21 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
 4. a cacheable request is looked up under a short timeout; a hit is answered at once (a streaming
    caller gets the cached text as a few chunks), a miss under CACHE_POLICY_ONLY_IF_CACHED is
    NOT_FOUND;
-5. the policy picks a HEALTHY worker of the model (none: UNAVAILABLE, saying why), and the
-   request is sent to it with the caller's remaining deadline. Chunks are relayed as they
-   arrive; a caller that cancels or runs out of time cancels the worker's call, which aborts the
-   engine request;
+5. the policy picks a HEALTHY worker of the model with a free batch slot (an ejected worker due
+   its probe comes first; no worker at all: UNAVAILABLE, saying why). When every worker of the
+   model is full the request waits in the admission queue (router/_admission.py), in priority
+   order; the time it waits is added to the summary's ``timings.queue_ms``. The request is sent
+   with the caller's remaining deadline at dispatch. Chunks are relayed as they arrive; a caller
+   that cancels or runs out of time cancels the worker's call, which aborts the engine request.
+   A failure before the first chunk is retried on another worker (bounded, jittered, within the
+   deadline); never after;
 6. a finished, cacheable answer is stored in the background, without delaying the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import re
 import time
@@ -46,10 +51,11 @@ from llmmesh.server import ServiceRunner
 from llmmesh.v1 import cache_pb2, generate_pb2, router_pb2, router_pb2_grpc
 from llmmesh.validation import MAX_REQUEST_ID_CHARS, Limits, validate_request
 from router import _metrics as metrics
-from router._balancer import Policy, make_policy
+from router._admission import AdmissionQueue
+from router._balancer import Policy, is_full, make_policy
 from router._cache_client import NoCache, ResponseCache, open_cache
 from router._config import RouterConfig
-from router._pool import Worker, WorkerPool, WorkerState
+from router._pool import Lease, Worker, WorkerPool, WorkerState
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +66,25 @@ _FINISHED = frozenset({generate_pb2.FINISH_REASON_STOP, generate_pb2.FINISH_REAS
 #: the worker is gone, draining or full. An INTERNAL error may be the request's own doing, and
 #: DEADLINE_EXCEEDED leaves no time, so neither is retried.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+#: Worker statuses that count as the worker's failure towards ejection: it is gone, broken or
+#: failing. RESOURCE_EXHAUSTED (full: a load matter, retried elsewhere), and CANCELLED and
+#: DEADLINE_EXCEEDED (the caller's doing) are not failures; neither are the statuses by which a
+#: working worker refuses a request (INVALID_ARGUMENT...), which count as answers.
+_FAILURES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_NEUTRAL = frozenset(
+    {
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 #: Largest jittered pause before the n-th retry is n times this.
 _RETRY_BACKOFF_S = 0.02
 #: No retry is started with less of the caller's deadline left than this.
@@ -68,7 +93,7 @@ _MIN_RETRY_BUDGET_S = 0.05
 _CACHED_CHUNK_CHARS = 256
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Call:
     """A validated request on its way through the router."""
 
@@ -79,6 +104,8 @@ class _Call:
     key: str
     #: time.monotonic() when the router received the request.
     started: float
+    #: Milliseconds spent in the router's admission queue (all attempts together).
+    queued_ms: float = 0.0
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000.0
@@ -96,8 +123,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         max_request_time: timedelta,
         max_attempts: int = 3,
         cache: ResponseCache | None = None,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self.pool = pool
+        self.admission = admission or AdmissionQueue()
+        pool.subscribe(self.admission.pump)
         self.max_attempts = max_attempts
         self.policy = policy
         self.limits = limits
@@ -135,10 +165,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 return
             tried: list[Worker] = []
             while True:
-                worker = self._pick(call, tried)
+                lease = await self._acquire(call, tried, context)
+                worker = lease.worker
                 scope.note(worker_id=worker.worker_id)
                 relayed = False
-                with self.pool.in_flight(worker):
+                with lease:
                     stream = worker.stub.GenerateStream(
                         call.request, timeout=self._timeout(context)
                     )
@@ -147,7 +178,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     # finished call is a no-op.
                     context.add_done_callback(_cancel_on_done(stream))
                     try:
-                        async for chunk in self._relay(call, worker, stream):
+                        async for chunk in self._relay(call, lease, stream):
                             relayed = True
                             yield chunk
                         return
@@ -197,16 +228,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
             )
         tried: list[Worker] = []
         while True:
-            worker = self._pick(call, tried)
+            lease = await self._acquire(call, tried, context)
+            worker = lease.worker
             scope.note(worker_id=worker.worker_id)
-            with self.pool.in_flight(worker):
+            with lease:
                 try:
                     response = await worker.stub.Generate(
                         call.request, timeout=self._timeout(context)
                     )
+                    lease.succeeded()
                     break
                 except grpc.aio.AioRpcError as exc:
-                    error = self._worker_error(worker, exc)
+                    error = self._worker_error(lease, exc)
             # A unary caller has seen nothing yet, so any attempt may be retried.
             await self._before_retry(error, worker, tried, call, context)
         summary = response.summary
@@ -214,7 +247,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # The router sees a unary answer only whole; its first token existed as long before the
         # end as the worker says it spent generating after it.
         after_first_ms = max(0.0, summary.timings.total_ms - summary.timings.time_to_first_token_ms)
-        self._complete_summary(summary, worker, total_ms, max(0.0, total_ms - after_first_ms))
+        self._complete_summary(call, summary, worker, total_ms, max(0.0, total_ms - after_first_ms))
         metrics.TIME_TO_FIRST_TOKEN.labels("Generate", "false").observe(
             summary.timings.time_to_first_token_ms / 1000.0
         )
@@ -263,15 +296,38 @@ class RouterService(router_pb2_grpc.RouterServicer):
             )
         return entry
 
-    def _pick(self, call: _Call, tried: Sequence[Worker] = ()) -> Worker:
-        """The policy's choice among the healthy workers of the model not tried yet."""
+    async def _acquire(self, call: _Call, tried: Sequence[Worker], context: _Context) -> Lease:
+        """A lease on the worker for the next attempt, after waiting in the admission queue
+        while every candidate is full."""
+        remaining: float | None = context.time_remaining()
+        lease, waited = await self.admission.admit(
+            call.request.model,
+            call.request.priority,
+            lambda: self._try_pick(call, tried),
+            remaining=remaining,
+            retrying=bool(tried),
+        )
+        call.queued_ms += waited * 1000.0
+        return lease
+
+    def _try_pick(self, call: _Call, tried: Sequence[Worker] = ()) -> Lease | None:
+        """A lease on the worker for the request: an ejected worker due its probe if there is
+        one, else the policy's choice among the HEALTHY workers with a free slot; None when every
+        one is full. Only workers not tried yet by the request are considered."""
         candidates = self._untried(call, tried)
         if not candidates:
             raise errors.Unavailable(self._no_worker_message(call.request.model))
-        return self.policy.choose(candidates)
+        for worker in candidates:
+            if worker.probe_due:
+                log.info("probing ejected worker with a request", worker=worker.describe())
+                return self.pool.lease(worker, probe=True)
+        free = [w for w in candidates if w.state is WorkerState.HEALTHY and not is_full(w)]
+        if not free:
+            return None
+        return self.pool.lease(self.policy.choose(free))
 
     def _untried(self, call: _Call, tried: Sequence[Worker]) -> list[Worker]:
-        return [w for w in self.pool.healthy(call.request.model) if w not in tried]
+        return [w for w in self.pool.candidates(call.request.model) if w not in tried]
 
     async def _before_retry(
         self,
@@ -309,8 +365,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def _no_worker_message(self, model: str) -> str:
         """Why a known model has no worker to take a request now."""
         message = f"no healthy worker serves model {model!r}"
-        if not any(w.model == model for w in self.pool.workers()):
+        workers = [w for w in self.pool.workers() if w.model == model]
+        if not workers:
             message += " now: every worker that served it has left the mesh"
+        states = collections.Counter(
+            w.state.name.lower() for w in workers if w.state is not WorkerState.SUSPECT
+        )
+        if states:
+            message += " (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")"
         status = self.pool.discovery_status()
         if status is not None and not status.healthy:
             message += f"; the worker registry ({status.source}) is unreachable"
@@ -324,12 +386,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _relay(
         self,
         call: _Call,
-        worker: Worker,
+        lease: Lease,
         stream: grpc.aio.UnaryStreamCall[
             generate_pb2.GenerateRequest, generate_pb2.GenerateStreamResponse
         ],
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         """Relay the worker's chunks; complete the final one with the router's view."""
+        worker = lease.worker
         parts: list[str] = []
         first_ms: float | None = None
         finished = False
@@ -342,6 +405,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if chunk.text:
                     parts.append(chunk.text)
                     if first_ms is None:
+                        lease.succeeded()
                         first_ms = call.elapsed_ms()
                         metrics.TIME_TO_FIRST_TOKEN.labels("GenerateStream", "false").observe(
                             first_ms / 1000.0
@@ -350,25 +414,34 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if chunk.HasField("summary"):
                     total_ms = call.elapsed_ms()
                     self._complete_summary(
-                        chunk.summary, worker, total_ms, total_ms if first_ms is None else first_ms
+                        call,
+                        chunk.summary,
+                        worker,
+                        total_ms,
+                        total_ms if first_ms is None else first_ms,
                     )
                     self._store(call, "".join(parts), chunk.summary)
                     finished = True
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise self._worker_error(worker, exc) from None
+            raise self._worker_error(lease, exc) from None
         if not finished:
+            lease.failed("stream ended without a summary")
             raise errors.Unavailable(f"{worker.describe()} ended the stream without a summary")
+        lease.succeeded()
 
     def _complete_summary(
         self,
+        call: _Call,
         summary: generate_pb2.GenerationSummary,
         worker: Worker,
         total_ms: float,
         first_token_ms: float,
     ) -> None:
-        """The worker's summary with the router's timings (queue time stays the worker's)."""
+        """The worker's summary with the router's timings (the router's queue time added to the
+        worker's)."""
         summary.cached = False
+        summary.timings.queue_ms += call.queued_ms
         summary.worker_id = summary.worker_id or worker.worker_id
         summary.model_version = summary.model_version or worker.model_version
         summary.timings.time_to_first_token_ms = first_token_ms
@@ -390,11 +463,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
         self.cache.store(call.key, entry, ttl_seconds=call.request.cache_ttl_seconds)
 
-    def _worker_error(self, worker: Worker, exc: grpc.aio.AioRpcError) -> errors.MeshError:
+    def _worker_error(self, lease: Lease, exc: grpc.aio.AioRpcError) -> errors.MeshError:
         """What the caller gets for a failed worker call; a worker that seems gone gets no more
-        traffic until it answers again."""
+        traffic until it answers again, and its failures count towards ejection."""
+        worker = lease.worker
+        reason = f"{exc.code().name}: {exc.details()}"
+        if exc.code() in _FAILURES:
+            lease.failed(reason)
+        elif exc.code() not in _NEUTRAL:
+            lease.succeeded()
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            self.pool.mark_unavailable(worker, f"{exc.code().name}: {exc.details()}")
+            self.pool.mark_unavailable(worker, reason)
         log.warning(
             "worker call failed",
             worker=worker.describe(),
@@ -404,6 +483,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return errors.from_rpc_error(exc, peer=worker.describe())
 
     def _status(self, worker: Worker) -> router_pb2.WorkerStatus:
+        report = worker.report
+        age = worker.report_age()
         return router_pb2.WorkerStatus(
             worker_id=worker.worker_id,
             address=worker.address,
@@ -411,9 +492,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             engine=worker.engine,
             state=worker.state.value,
             in_flight=worker.in_flight,
+            active_requests=report.active if report is not None else 0,
+            queued_requests=report.queued if report is not None else 0,
             capacity=worker.info.capacity if worker.info is not None else 0,
+            kv_cache_used_fraction=report.kv_cache_used_fraction if report is not None else 0.0,
             score=self.policy.score(worker),
-            last_report_age_ms=-1.0,
+            last_report_age_ms=-1.0 if age is None else age * 1000.0,
         )
 
 
@@ -546,6 +630,10 @@ class RouterApp:
             discovery if discovery is not None else _discovery(config),
             max_message_bytes=config.max_message_bytes,
             close_grace=config.max_request_time,
+            load_stale_after=config.load_stale_after,
+            eject_after_failures=config.eject_after_failures,
+            eject_cooldown=config.eject_cooldown,
+            eject_cooldown_max=config.eject_cooldown_max,
         )
         self.service = RouterService(
             self.pool,
@@ -553,6 +641,9 @@ class RouterApp:
             limits=config.limits,
             max_request_time=config.max_request_time,
             max_attempts=config.max_attempts,
+            admission=AdmissionQueue(
+                max_size=config.admission_queue_size, max_wait=config.admission_max_wait
+            ),
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

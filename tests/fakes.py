@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -52,10 +54,37 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.requests: list[generate_pb2.GenerateRequest] = []
         #: context.time_remaining() as each request saw it on arrival.
         self.time_remaining: list[float | None] = []
-        self.active = 0
+        self._active = 0
+        #: Reported as queued_requests and kv_cache_used_fraction.
+        self.queued = 0
+        self.kv_cache_used_fraction = 0.0
+        #: False: WatchLoad sends one serving=false report (draining) and ends its streams.
+        self.serving = True
+        #: False: WatchLoad streams stay open but send nothing (a worker whose reports stop).
+        self.reporting = True
+        #: Report interval when the caller asks for none.
+        self.report_interval = 0.2
+        self._load_changed = asyncio.Event()
+        self.watch_calls = 0
         self.cancellations = 0
         self.cancelled = asyncio.Event()
         self.info_calls = 0
+
+    @property
+    def active(self) -> int:
+        """Requests in progress (reported as active_requests)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._active = value
+        self.load_changed()
+
+    def load_changed(self) -> None:
+        """Wake the WatchLoad streams: a report goes out now (after a change of serving,
+        reporting, queued...)."""
+        self._load_changed.set()
+        self._load_changed = asyncio.Event()
 
     def answer(self, prompt: str) -> str:
         return f"{self.worker_id} heard: {prompt}"
@@ -132,13 +161,29 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     async def WatchLoad(
         self, request: worker_pb2.WatchLoadRequest, context: _Context
     ) -> AsyncIterator[worker_pb2.WatchLoadResponse]:
-        yield worker_pb2.WatchLoadResponse(
-            worker_id=self.worker_id,
-            sequence=1,
-            active_requests=self.active,
-            capacity=self.capacity,
-            serving=True,
-        )
+        """A report at once, every interval, and on every change, like the real worker."""
+        self.watch_calls += 1
+        interval = request.interval_ms / 1000 if request.interval_ms else self.report_interval
+        sequence = 0
+        while True:
+            changed = self._load_changed
+            if self.reporting:
+                sequence += 1
+                yield worker_pb2.WatchLoadResponse(
+                    worker_id=self.worker_id,
+                    sequence=sequence,
+                    active_requests=self.active,
+                    queued_requests=self.queued,
+                    capacity=self.capacity,
+                    max_queued=8,
+                    kv_cache_used_fraction=self.kv_cache_used_fraction,
+                    serving=self.serving,
+                    timestamp_ms=int(time.time() * 1000),
+                )
+                if not self.serving:
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), interval)
 
     async def GetInfo(
         self, request: worker_pb2.GetInfoRequest, context: _Context

@@ -8,14 +8,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from router import LeastLoaded, make_policy
+from router import LeastLoaded, LoadReport, make_policy
 
 
 @dataclass
 class Candidate:
+    """A worker that has not reported its load yet: scored on in-flight requests alone."""
+
     name: str
     in_flight: int = 0
     capacity: int = 4
+    report: LoadReport | None = None
+    sent_since_report: int = 0
 
 
 class TestLeastLoaded:
@@ -77,4 +81,4 @@ class TestMakePolicy:
 
     def test_unknown_name(self) -> None:
         with pytest.raises(ValueError, match="policy"):
-            make_policy("round-robin")  # type: ignore[arg-type]
+            make_policy("fastest")  # type: ignore[arg-type]
