@@ -25,6 +25,11 @@ COMMANDS: dict[str, Command] = {
         "the sim engine in-process and a sim worker over gRPC at 1-256 streams: "
         "TTFT, TPOT, output tokens/s beside the H100 figures",
     ),
+    "lb": Command(
+        "bench.lb",
+        "router policies vs a join-shortest-queue oracle on a heterogeneous sim fleet under "
+        "open-loop Poisson load at 50/80/95%: TTFT and end-to-end p50/p99, throughput",
+    ),
 }
 
 

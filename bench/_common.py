@@ -220,6 +220,11 @@ class ServiceProcess:
         return self.proc.pid
 
     def start(self) -> ServiceProcess:
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         cmd = [sys.executable, "-m", self.package, "--host", "127.0.0.1"]
         cmd += ["--port", "0", "--ready-file", str(self.ready_file), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -227,6 +232,10 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
             )
+
+    def wait_ready(self) -> ServiceProcess:
+        """Wait for the ready file of a spawned process (and learn its port)."""
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.ready_file.exists():
@@ -242,6 +251,11 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self) -> None:
+        """Send SIGTERM if it is running (:meth:`close` then waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited in 15 s; remove its files."""
@@ -259,3 +273,24 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_services(services: Sequence[ServiceProcess]) -> None:
+    """Start ``services`` side by side and wait until every one is ready (closing them all if
+    one fails)."""
+    try:
+        for service in services:
+            service.spawn()
+        for service in services:
+            service.wait_ready()
+    except BaseException:
+        close_services(services)
+        raise
+
+
+def close_services(services: Sequence[ServiceProcess]) -> None:
+    """Stop ``services`` side by side: SIGTERM to each, then :meth:`ServiceProcess.close`."""
+    for service in services:
+        service.terminate()
+    for service in services:
+        service.close()

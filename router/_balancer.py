@@ -27,12 +27,14 @@ that a starting router is never stuck waiting for reports.
 
 A worker is **full** (:func:`is_full`) when that count of requests (``max(active + queued +
 sent_since_report, in_flight)``, or ``in_flight`` before a report) reaches its capacity: it has
-no free batch slot. The router sends nothing to a full worker while it can queue the request
-itself (router/_admission.py), whatever the policy.
+no free batch slot. Under a load-aware policy (``Policy.load_aware``) the router sends nothing to
+a full worker while it can queue the request itself (router/_admission.py), binding a request to
+a worker only when one has a free slot.
 
-Policies: ``least-loaded`` (lowest score, ties at random; the default), ``power-of-two`` (the
-lower score of two random candidates), ``round-robin`` and ``random`` (blind to load; for
-comparison and benchmarks).
+Policies: ``least-loaded`` (lowest score, ties at random; the default) and ``power-of-two`` (the
+lower score of two random candidates) are load-aware; ``round-robin`` and ``random`` are blind to
+load, as a plain balancer is: they send to any healthy worker and leave queueing to the workers
+(for comparison and benchmarks).
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class Policy(Protocol):
 
     #: The name used in configuration and logs.
     name: str
+    #: True when the policy looks at load: the router then binds a request to a worker only
+    #: once one has a free slot, queueing it itself meanwhile.
+    load_aware: bool
 
     def score(self, worker: Loaded) -> float:
         """The worker's score as shown in the routing table (lower is preferred)."""
@@ -145,6 +150,7 @@ class LeastLoaded:
     """
 
     name = "least-loaded"
+    load_aware = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -166,6 +172,7 @@ class PowerOfTwo:
     """Two distinct candidates at random; the one with the lower score (either on a tie)."""
 
     name = "power-of-two"
+    load_aware = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -194,6 +201,7 @@ class RoundRobin:
     """
 
     name = "round-robin"
+    load_aware = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -214,6 +222,7 @@ class Random:
     """A uniformly random candidate, blind to load."""
 
     name = "random"
+    load_aware = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()

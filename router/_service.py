@@ -312,8 +312,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _try_pick(self, call: _Call, tried: Sequence[Worker] = ()) -> Lease | None:
         """A lease on the worker for the request: an ejected worker due its probe if there is
-        one, else the policy's choice among the HEALTHY workers with a free slot; None when every
-        one is full. Only workers not tried yet by the request are considered."""
+        one, else the policy's choice among the HEALTHY workers (with a free slot, for a
+        load-aware policy); None when there is none. Only workers not tried yet by the request
+        are considered."""
         candidates = self._untried(call, tried)
         if not candidates:
             raise errors.Unavailable(self._no_worker_message(call.request.model))
@@ -321,7 +322,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if worker.probe_due:
                 log.info("probing ejected worker with a request", worker=worker.describe())
                 return self.pool.lease(worker, probe=True)
-        free = [w for w in candidates if w.state is WorkerState.HEALTHY and not is_full(w)]
+        free = [
+            w
+            for w in candidates
+            if w.state is WorkerState.HEALTHY and not (self.policy.load_aware and is_full(w))
+        ]
         if not free:
             return None
         return self.pool.lease(self.policy.choose(free))

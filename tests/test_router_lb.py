@@ -318,6 +318,34 @@ class TestEjection:
 class TestAdmission:
     """While every worker is full, requests wait in a bounded, priority-ordered router queue."""
 
+    @pytest.mark.parametrize(("policy", "queued_in_router"), [
+        ("least-loaded", True),
+        ("power-of-two", True),
+        ("round-robin", False),
+        ("random", False),
+    ])  # fmt: skip
+    async def test_only_load_aware_policies_hold_requests_for_a_free_slot(
+        self, policy: str, queued_in_router: bool
+    ) -> None:
+        """A full worker gets the next request under a blind policy; a load-aware one queues it."""
+        w = FakeWorker("w", capacity=1)
+        w.gate = asyncio.Event()
+        async with (
+            serving(w) as servers,
+            running_router([servers[0].address], policy=policy) as router,
+        ):
+            held = asyncio.ensure_future(router.stub.Generate(request("held"), timeout=10))
+            await assert_eventually(lambda: len(w.requests) == 1)
+            second = asyncio.ensure_future(router.stub.Generate(request("next"), timeout=10))
+            if queued_in_router:
+                await assert_eventually(lambda: router.app.service.admission.waiting(MODEL) == 1)
+                assert len(w.requests) == 1
+            else:
+                await assert_eventually(lambda: len(w.requests) == 2)
+                assert router.app.service.admission.waiting(MODEL) == 0
+            w.gate.set()
+            await asyncio.gather(held, second)
+
     async def test_full_queue_is_resource_exhausted(self) -> None:
         w = FakeWorker("w", capacity=1)
         w.gate = asyncio.Event()
