@@ -142,7 +142,19 @@ def _check(candidates: Sequence[object]) -> None:
         raise ValueError("no candidates to choose from")
 
 
-class LeastLoaded:
+class _ScoredPolicy:
+    """What every policy has: the load score (shown in the routing table, whether or not the
+    policy uses it) and its own random source (seedable for tests)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def score(self, worker: Loaded) -> float:
+        """See :func:`load_score`."""
+        return load_score(worker)
+
+
+class LeastLoaded(_ScoredPolicy):
     """The candidate with the lowest :func:`load_score`; ties broken at random.
 
     Random tie-breaking makes equally loaded workers share traffic instead of the first one in
@@ -151,13 +163,6 @@ class LeastLoaded:
 
     name = "least-loaded"
     load_aware = True
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
-
-    def score(self, worker: Loaded) -> float:
-        """See :func:`load_score`."""
-        return load_score(worker)
 
     def choose(self, candidates: Sequence[W]) -> W:
         """The least loaded candidate, a random one among equals."""
@@ -168,18 +173,11 @@ class LeastLoaded:
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
 
 
-class PowerOfTwo:
+class PowerOfTwo(_ScoredPolicy):
     """Two distinct candidates at random; the one with the lower score (either on a tie)."""
 
     name = "power-of-two"
     load_aware = True
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
-
-    def score(self, worker: Loaded) -> float:
-        """See :func:`load_score`."""
-        return load_score(worker)
 
     def choose(self, candidates: Sequence[W]) -> W:
         """The less loaded of two random candidates."""
@@ -193,7 +191,7 @@ class PowerOfTwo:
         return a if score_a < score_b else b
 
 
-class RoundRobin:
+class RoundRobin(_ScoredPolicy):
     """Each candidate in turn, blind to load.
 
     The turn is a counter over calls, so with a changing candidate set it still visits every
@@ -204,11 +202,8 @@ class RoundRobin:
     load_aware = False
 
     def __init__(self) -> None:
+        super().__init__()
         self._next = 0
-
-    def score(self, worker: Loaded) -> float:
-        """The load score, shown in the routing table though this policy ignores it."""
-        return load_score(worker)
 
     def choose(self, candidates: Sequence[W]) -> W:
         """The next candidate in turn."""
@@ -218,18 +213,11 @@ class RoundRobin:
         return chosen
 
 
-class Random:
+class Random(_ScoredPolicy):
     """A uniformly random candidate, blind to load."""
 
     name = "random"
     load_aware = False
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
-
-    def score(self, worker: Loaded) -> float:
-        """The load score, shown in the routing table though this policy ignores it."""
-        return load_score(worker)
 
     def choose(self, candidates: Sequence[W]) -> W:
         """Any candidate, with equal chances."""
