@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 from llmmesh.validation import Sampling
 
@@ -183,3 +183,38 @@ class Engine(Protocol):
     def info(self) -> EngineInfo:
         """What the engine serves."""
         ...
+
+
+LiveT = TypeVar("LiveT", bound=Outbox)
+
+
+class OutboxEngine(Generic[LiveT]):
+    """``generate`` and ``abort`` for an engine that keeps each live request in an
+    :class:`Outbox`: the engine provides ``_live`` (live requests by id), ``_submit`` (admit a
+    request, returning its outbox) and ``_finish`` (end one with a finish reason)."""
+
+    _live: dict[str, LiveT]
+
+    def _submit(self, request: EngineRequest) -> LiveT:
+        raise NotImplementedError
+
+    def _finish(self, live: LiveT, reason: FinishReason) -> None:
+        raise NotImplementedError
+
+    async def generate(
+        self, request: EngineRequest
+    ) -> AsyncGenerator[TextDelta | Completion, None]:
+        """Submit ``request`` and stream its outbox; closing the stream early aborts it."""
+        live = self._submit(request)
+        try:
+            async for item in live.stream():
+                yield item
+        finally:
+            if not live.finished:
+                self._finish(live, "cancelled")
+
+    async def abort(self, request_id: str) -> None:
+        """End a live request with "cancelled" (unknown or finished ids are ignored)."""
+        live = self._live.get(request_id)
+        if live is not None:
+            self._finish(live, "cancelled")

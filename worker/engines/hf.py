@@ -48,7 +48,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,7 +63,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     Outbox,
-    TextDelta,
+    OutboxEngine,
     wait_event,
 )
 
@@ -334,7 +334,7 @@ class _Loaded:
     version: str
 
 
-class HfEngine:
+class HfEngine(OutboxEngine[_Live]):
     """Hugging Face transformers (see the module docstring). Implements :class:`Engine`."""
 
     def __init__(self, settings: HfSettings) -> None:
@@ -411,22 +411,6 @@ class HfEngine:
             if cuda:
                 importlib.import_module("torch").cuda.empty_cache()
         self._notify_load()
-
-    async def generate(
-        self, request: EngineRequest
-    ) -> AsyncGenerator[TextDelta | Completion, None]:
-        live = self._submit(request)
-        try:
-            async for item in live.stream():
-                yield item
-        finally:
-            if not live.finished:
-                self._finish(live, "cancelled")
-
-    async def abort(self, request_id: str) -> None:
-        live = self._live.get(request_id)
-        if live is not None:
-            self._finish(live, "cancelled")
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))

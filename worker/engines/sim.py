@@ -84,7 +84,6 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -99,7 +98,7 @@ from worker.engines._base import (
     FinishReason,
     LoadSnapshot,
     Outbox,
-    TextDelta,
+    OutboxEngine,
     wait_event,
 )
 
@@ -327,7 +326,7 @@ class _Plan:
     duration: float
 
 
-class SimEngine:
+class SimEngine(OutboxEngine[_Live]):
     """The simulated engine (see the module docstring). Implements :class:`Engine`."""
 
     def __init__(self, settings: SimSettings | None = None) -> None:
@@ -396,22 +395,6 @@ class SimEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for live in list(self._live.values()):
-            self._finish(live, "cancelled")
-
-    async def generate(
-        self, request: EngineRequest
-    ) -> AsyncGenerator[TextDelta | Completion, None]:
-        live = self._submit(request)
-        try:
-            async for item in live.stream():
-                yield item
-        finally:
-            if not live.finished:
-                self._finish(live, "cancelled")
-
-    async def abort(self, request_id: str) -> None:
-        live = self._live.get(request_id)
-        if live is not None:
             self._finish(live, "cancelled")
 
     def count_tokens(self, text: str) -> int:
