@@ -228,6 +228,21 @@ def _normalize_keys(body: Mapping[str, Any]) -> dict[str, Any]:
     return {key.replace("_", "").lower(): value for key, value in body.items()}
 
 
+async def _json_object(request: web.Request, what: str, go_type: str) -> dict[str, Any]:
+    """The request's JSON object body, keys normalized; Consul's 400s for an empty body, bad
+    JSON, or JSON that is not an object."""
+    raw = await request.read()
+    if not raw.strip():
+        raise _HTTPError(400, "Request decode failed: EOF")
+    try:
+        decoded = json.loads(raw)
+    except ValueError as exc:
+        raise _HTTPError(400, f"Request decode failed: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise _decode_error(what, decoded, go_type)
+    return _normalize_keys(decoded)
+
+
 def _decode_error(what: str, value: Any, go_type: str) -> _HTTPError:
     kind = {dict: "object", list: "array", str: "string", bool: "bool"}.get(type(value), "number")
     return _HTTPError(
@@ -1069,16 +1084,7 @@ class ConsulAgent:
     # ---- handlers --------------------------------------------------------------------------------
 
     async def _h_register(self, request: web.Request, _: str) -> web.Response:
-        raw = await request.read()
-        if not raw.strip():
-            raise _HTTPError(400, "Request decode failed: EOF")
-        try:
-            decoded = json.loads(raw)
-        except ValueError as exc:
-            raise _HTTPError(400, f"Request decode failed: {exc}") from None
-        if not isinstance(decoded, dict):
-            raise _decode_error("ServiceDefinition", decoded, "structs.ServiceDefinition")
-        body = _normalize_keys(decoded)
+        body = await _json_object(request, "ServiceDefinition", "structs.ServiceDefinition")
         name = _str_field(body, "name", "Name")
         if not name:
             raise _HTTPError(400, "Missing service name")
@@ -1224,16 +1230,7 @@ class ConsulAgent:
         return await self._ttl_endpoint(request, check_id, CRITICAL, request.query.get("note", ""))
 
     async def _h_check_update(self, request: web.Request, check_id: str) -> web.Response:
-        raw = await request.read()
-        if not raw.strip():
-            raise _HTTPError(400, "Request decode failed: EOF")
-        try:
-            decoded = json.loads(raw)
-        except ValueError as exc:
-            raise _HTTPError(400, f"Request decode failed: {exc}") from None
-        if not isinstance(decoded, dict):
-            raise _decode_error("checkUpdate", decoded, "agent.checkUpdate")
-        body = _normalize_keys(decoded)
+        body = await _json_object(request, "checkUpdate", "agent.checkUpdate")
         status = _str_field(body, "status", "Status")
         if status not in STATUSES:
             raise _HTTPError(400, f"Invalid check status: '{status}'")
