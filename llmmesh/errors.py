@@ -7,6 +7,7 @@
     ├── NotFound                    NOT_FOUND          unknown model, only-if-cached miss
     ├── Unavailable                 UNAVAILABLE        no healthy worker, engine failed, draining
     ├── ResourceExhausted           RESOURCE_EXHAUSTED queue full, message too large
+    │   └── Busy                    RESOURCE_EXHAUSTED no free batch slot (trailer x-llmmesh-busy)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED
     ├── Cancelled                   CANCELLED
     ├── Unauthenticated             UNAUTHENTICATED
@@ -36,6 +37,8 @@ class MeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     #: The status another service answered, when this error translates a failed call to it.
     upstream_code: grpc.StatusCode | None = None
+    #: Trailing metadata sent with the status.
+    trailers: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -68,6 +71,28 @@ class ResourceExhausted(MeshError):
     """A bound (queue, message size) was reached."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+#: Request metadata by which a router asks a worker to refuse the request (:class:`Busy`) rather
+#: than queue it when the worker has no free batch slot: a router that queues requests itself
+#: binds a request to a worker only when the worker has room for it (router/_service.py).
+NO_QUEUE_METADATA_KEY = "x-llmmesh-no-queue"
+#: Trailing metadata of a :class:`Busy` refusal.
+BUSY_TRAILER = "x-llmmesh-busy"
+
+
+class Busy(ResourceExhausted):
+    """A worker asked not to queue (``x-llmmesh-no-queue``) has no free batch slot."""
+
+    trailers = ((BUSY_TRAILER, "1"),)
+
+
+def is_busy(exc: grpc.aio.AioRpcError) -> bool:
+    """True when a failed call is a worker's :class:`Busy` refusal."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailers: Any = exc.trailing_metadata() or ()
+    return any(key == BUSY_TRAILER for key, _ in trailers)
 
 
 class DeadlineExceeded(MeshError):
@@ -129,7 +154,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
     """End the current RPC with the status of ``error``."""
-    await context.abort(error.code, error.message)
+    await context.abort(error.code, error.message, error.trailers)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
@@ -143,7 +168,7 @@ async def grpc_errors(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncItera
     try:
         yield
     except MeshError as exc:
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, exc.trailers)
     except grpc.aio.AbortError:
         raise
     except Exception:

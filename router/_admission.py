@@ -84,12 +84,14 @@ class AdmissionQueue:
         *,
         remaining: float | None,
         retrying: bool = False,
+        front: bool = False,
     ) -> tuple[Lease, float]:
         """A lease on a worker for the request, and the seconds it waited for it.
 
         ``remaining`` is the caller's remaining deadline (None: none). Raises ResourceExhausted
         (queue full, or ``max_wait`` spent), DeadlineExceeded (the deadline passed while
-        waiting), or what ``try_pick`` raises.
+        waiting), or what ``try_pick`` raises. ``front``: the request had a slot and lost it
+        (its worker was taken by another router first); it waits ahead of its priority level.
         """
         if not self.waiting(model):
             lease = try_pick()
@@ -104,7 +106,10 @@ class AdmissionQueue:
             )
         waiter = _Waiter(try_pick, retrying)
         levels = self._queues.setdefault(model, tuple(deque() for _ in range(_LEVELS)))
-        levels[rank(priority)].append(waiter)
+        if front:
+            levels[rank(priority)].appendleft(waiter)
+        else:
+            levels[rank(priority)].append(waiter)
         metrics.QUEUE_DEPTH.labels(model).set(self.waiting(model))
         started = time.monotonic()
         try:

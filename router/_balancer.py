@@ -14,12 +14,20 @@ report (reset when a newer report arrives). The first term is how full its batch
 what is on its way to it; the KV term steers requests away from a worker whose KV cache is nearly
 full (it would have to queue or preempt) even while it has free batch slots. Because the load
 comes from the worker, several router replicas that share nothing still see each other's
-requests, and only their own in-transit ones are added locally.
+requests, and only their own in-transit ones are added locally. A slot is seen free only through
+a report, by every replica alike: a router does not reuse the slot of its own request that ended
+before the worker says so, which would let it take slots ahead of replicas that queued earlier.
 
 ``in_flight`` (this router's requests on the worker) is a floor: every one of them is on the
 worker or on its way there. It matters for a report that was written before requests this router
 had already sent reached the worker but arrived after they were sent: resetting
 ``sent_since_report`` would forget them until the next report.
+
+Replicas that see the same free slot in the same report all claim it. The worker settles the
+race: a load-aware router asks the worker not to queue its requests (``x-llmmesh-no-queue``), and
+a worker with no free slot refuses one at once (``errors.Busy``); the loser counts the worker full
+until its next report (:meth:`~router._pool.WorkerPool.mark_full`) and goes back to the head of
+its admission queue.
 
 A worker that has not reported yet (freshly healthy, or one that does not implement
 ``WatchLoad``) is scored on this router's in-flight requests alone: ``in_flight / capacity``, so
@@ -90,7 +98,8 @@ class Loaded(Protocol):
 W = TypeVar("W", bound=Loaded)
 
 
-def _capacity(worker: Loaded) -> int:
+def capacity_of(worker: Loaded) -> int:
+    """How many requests the worker runs at once: its last report's, else its description's."""
     report = worker.report
     if report is not None and report.capacity > 0:
         return report.capacity
@@ -108,7 +117,7 @@ def requests_on(worker: Loaded) -> int:
 def load_score(worker: Loaded) -> float:
     """The worker's load score (see the module doc); lower is preferred."""
     report = worker.report
-    score = requests_on(worker) / _capacity(worker)
+    score = requests_on(worker) / capacity_of(worker)
     if report is not None:
         score += report.kv_cache_used_fraction
     return score
@@ -116,7 +125,7 @@ def load_score(worker: Loaded) -> float:
 
 def is_full(worker: Loaded) -> bool:
     """True when the worker has no free batch slot."""
-    return requests_on(worker) >= _capacity(worker)
+    return requests_on(worker) >= capacity_of(worker)
 
 
 class Policy(Protocol):

@@ -71,6 +71,11 @@ DISCOVERY_LAST_CHANGE = Gauge(
     "Unix time when the discovered set of workers last changed.",
     ["source"],
 )
+BUSY_REFUSALS = Counter(
+    "llmmesh_router_busy_refusals_total",
+    "Requests a worker refused because another router had just taken its free slot; the request"
+    " went back to the head of the admission queue (not a failure, not a retry).",
+)
 RETRIES = Counter(
     "llmmesh_router_retries_total",
     "Requests sent to another worker after one failed before the first token, by status code.",

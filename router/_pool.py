@@ -59,7 +59,7 @@ from llmmesh.discovery import Discovery, DiscoveryStatus, Endpoint, ReportsStatu
 from llmmesh.server import MiB, grpc_channel_options
 from llmmesh.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from router import _metrics as metrics
-from router._balancer import LoadReport
+from router._balancer import LoadReport, capacity_of
 
 log = structlog.get_logger(__name__)
 
@@ -452,6 +452,14 @@ class WorkerPool:
                 listener(worker.model)
             except Exception:
                 log.exception("load listener failed")
+
+    def mark_full(self, worker: Worker) -> None:
+        """The worker refused a request for want of a free slot: count it full until its next
+        load report (another router's request took the slot its last report showed)."""
+        report = worker.report
+        if report is not None:
+            spare = capacity_of(worker) - report.active - report.queued
+            worker.sent_since_report = max(worker.sent_since_report, spare)
 
     def mark_unavailable(self, worker: Worker, reason: str) -> None:
         """A call to ``worker`` failed as if it were gone: no traffic until it answers again."""

@@ -85,6 +85,10 @@ _NEUTRAL = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
+#: A request refused as Busy this many times (each time its worker's slot had just been taken by
+#: another router) is treated as a worker failure to retry elsewhere; a bound that is never met in
+#: practice, since each refusal waits for a fresh load report.
+_MAX_BUSY_REFUSALS = 32
 #: Largest jittered pause before the n-th retry is n times this.
 _RETRY_BACKOFF_S = 0.02
 #: No retry is started with less of the caller's deadline left than this.
@@ -106,6 +110,8 @@ class _Call:
     started: float
     #: Milliseconds spent in the router's admission queue (all attempts together).
     queued_ms: float = 0.0
+    #: Times a worker refused the request as Busy (see :meth:`RouterService._before_retry`).
+    busy_refusals: int = 0
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000.0
@@ -134,6 +140,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         #: Replaced by :class:`RouterApp` once the event loop runs (channels need one).
         self.cache: ResponseCache = cache or NoCache()
         self._max_request_time = max_request_time.total_seconds()
+        # A load-aware policy queues requests in the router until a worker has a free slot;
+        # the worker is asked to refuse rather than queue one that finds the slot taken.
+        self._worker_metadata: tuple[tuple[str, str], ...] = (
+            ((errors.NO_QUEUE_METADATA_KEY, "1"),) if policy.load_aware else ()
+        )
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -171,7 +182,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 relayed = False
                 with lease:
                     stream = worker.stub.GenerateStream(
-                        call.request, timeout=self._timeout(context)
+                        call.request,
+                        timeout=self._timeout(context),
+                        metadata=self._worker_metadata,
                     )
                     # However the caller's RPC ends (cancelled, out of time, failed), the worker's
                     # call ends with it and the worker aborts the engine request. Cancelling a
@@ -234,7 +247,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             with lease:
                 try:
                     response = await worker.stub.Generate(
-                        call.request, timeout=self._timeout(context)
+                        call.request,
+                        timeout=self._timeout(context),
+                        metadata=self._worker_metadata,
                     )
                     lease.succeeded()
                     break
@@ -306,6 +321,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             lambda: self._try_pick(call, tried),
             remaining=remaining,
             retrying=bool(tried),
+            front=call.busy_refusals > 0,
         )
         call.queued_ms += waited * 1000.0
         return lease
@@ -348,7 +364,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
         at most ``max_attempts`` times in all, on a different healthy worker each time, and only
         while the caller's deadline leaves room for another attempt. Otherwise the caller gets
         the last worker's own error.
+
+        A Busy refusal is none of that: the worker reported a free slot and another router
+        replica took it first (replicas share no state; the worker arbitrates). The worker is
+        full until its next load report, and the request goes back to the head of the admission
+        queue without counting an attempt, so replicas lose no more than a round trip to a race.
         """
+        if isinstance(error, errors.Busy) and call.busy_refusals < _MAX_BUSY_REFUSALS:
+            call.busy_refusals += 1
+            metrics.BUSY_REFUSALS.inc()
+            self.pool.mark_full(worker)
+            return
         tried.append(worker)
         remaining: float | None = context.time_remaining()
         if (
@@ -472,6 +498,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """What the caller gets for a failed worker call; a worker that seems gone gets no more
         traffic until it answers again, and its failures count towards ejection."""
         worker = lease.worker
+        if errors.is_busy(exc):
+            return errors.Busy(f"{worker.describe()}: {exc.details()}")
         reason = f"{exc.code().name}: {exc.details()}"
         if exc.code() in _FAILURES:
             lease.failed(reason)

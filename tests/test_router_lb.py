@@ -37,6 +37,7 @@ from tests.test_router import (
     running_router,
     serving,
 )
+from tests.test_worker import SLOW, generate_request, serve
 
 HEALTHY = router_pb2.WORKER_STATE_HEALTHY
 SUSPECT = router_pb2.WORKER_STATE_SUSPECT
@@ -504,3 +505,41 @@ class TestWorkerLostUnderLoad:
         assert any(code != "OK" for _, code in outcomes), (
             "no stream was cut by the kill: the test did not exercise a mid-stream loss"
         )
+
+
+class TestReplicas:
+    """Router replicas share no state; the worker arbitrates its free slots between them."""
+
+    async def test_two_routers_never_queue_on_a_worker_with_a_free_slot_elsewhere(self) -> None:
+        """Two routers, one real worker with 2 slots, 16 requests split between them: the
+        worker never holds more than its capacity (a router that loses the race for a slot
+        gets Busy and waits in its own queue), nothing fails and nothing is retried."""
+        refusals = metric("llmmesh_router_busy_refusals_total")
+        retries = metric("llmmesh_router_retries_total", code="RESOURCE_EXHAUSTED")
+        async with (
+            serve(capacity=2, max_queued=64, **SLOW) as w,
+            running_router([w.runner.address]) as one,
+            running_router([w.runner.address]) as two,
+        ):
+            await assert_eventually(lambda: w.app.engine.load().active == 0)
+            most = 0
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    active, queued = w.load()
+                    most = max(most, active + queued)
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.ensure_future(watch())
+            calls = [
+                router.stub.Generate(generate_request(f"q{i}", max_tokens=3), timeout=20)
+                for i in range(8)
+                for router in (one, two)
+            ]
+            answers = await asyncio.gather(*calls)
+            watcher.cancel()
+        assert all(a.text for a in answers)
+        assert most <= 2
+        assert metric("llmmesh_router_busy_refusals_total") > refusals
+        assert metric("llmmesh_router_retries_total", code="RESOURCE_EXHAUSTED") == retries

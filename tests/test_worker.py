@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import llmmesh
+from llmmesh import errors
 from llmmesh.server import ServiceRunner
 from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from tests.harness import ServiceProcess, assert_eventually
@@ -407,6 +408,38 @@ class TestAdmission:
             admitted.cancel()
             running.cancel()
             await assert_eventually(lambda: w.load() == (0, 0))
+
+    async def test_no_queue_request_is_refused_busy_when_no_slot_is_free(self) -> None:
+        """A router that queues requests itself asks not to be queued: it gets RESOURCE_EXHAUSTED
+        with the busy trailer at once, while a plain caller still queues."""
+        no_queue = ((errors.NO_QUEUE_METADATA_KEY, "1"),)
+        async with serve(capacity=1, max_queued=4, **SLOW) as w:
+            running = w.stub.GenerateStream(generate_request("one", max_tokens=1000))
+            await first_chunk(running)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await w.stub.Generate(generate_request("two"), timeout=5, metadata=no_queue)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert errors.is_busy(caught.value)
+            assert "no free batch slot" in (caught.value.details() or "")
+            assert w.load() == (1, 0)
+            queued = w.stub.GenerateStream(generate_request("three", max_tokens=1000))
+            await assert_eventually(lambda: w.load() == (1, 1))
+            queued.cancel()
+            running.cancel()
+            await assert_eventually(lambda: w.load() == (0, 0))
+            # With the slot free again the same request is served.
+            answer = await w.stub.Generate(generate_request("two"), timeout=5, metadata=no_queue)
+            assert answer.text
+
+    async def test_plain_full_refusal_is_not_busy(self) -> None:
+        async with serve(capacity=1, max_queued=0, **SLOW) as w:
+            running = w.stub.GenerateStream(generate_request("one", max_tokens=1000))
+            await first_chunk(running)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await w.stub.Generate(generate_request("two"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert not errors.is_busy(caught.value)
+            running.cancel()
 
     async def test_draining_worker_refuses_requests(self) -> None:
         async with serve() as w:

@@ -37,6 +37,8 @@ import structlog
 import llmmesh
 from llmmesh import logs
 from llmmesh.errors import (
+    NO_QUEUE_METADATA_KEY,
+    Busy,
     DeadlineExceeded,
     InvalidArgument,
     MeshError,
@@ -66,7 +68,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "llmmesh.v1.Worker"
 #: Load reports triggered by a change come at most this often (per stream).
-MIN_REPORT_GAP_S = 0.02
+MIN_REPORT_GAP_S = 0.005
 #: The shortest report interval a caller may ask for.
 MIN_REPORT_INTERVAL_S = 0.01
 #: How often engine load gauges and engine health are checked when nothing changes.
@@ -80,6 +82,12 @@ _FINISH_REASONS = {
 }
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _no_queue(context: _Context) -> bool:
+    """The caller (a router that queues requests itself) asked for :class:`Busy` rather than a
+    place in the engine's queue."""
+    return any(key == NO_QUEUE_METADATA_KEY for key, _ in context.invocation_metadata() or ())
 
 
 def new_request_id() -> str:
@@ -295,6 +303,11 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         remaining: float | None = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the deadline passed before the request reached the engine")
+        if self._in_flight >= info.capacity and _no_queue(context):
+            raise Busy(
+                f"worker {self.worker_id} has no free batch slot ({self._in_flight} requests, "
+                f"capacity {info.capacity}) and was asked not to queue"
+            )
         if self._in_flight >= info.capacity + self.config.max_queued:
             raise ResourceExhausted(
                 f"worker {self.worker_id} is full: {info.capacity} requests running and "
