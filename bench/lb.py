@@ -35,8 +35,14 @@ soon as one has a free batch slot, holding it in a central first-come-first-serv
 none has (as the router's admission queue does; early binding to a worker's own queue does
 worse under heavy-tailed lengths, since a request can wait behind a long one while another
 worker frees up). It is the workers' only client, so its counts are exact, with no report delay
-and no router hop. One more run sends the 80% trace through three least-loaded router
-replicas, spread round-robin by this process.
+and no router hop.
+
+**Replicas.** Three least-loaded router replicas (requests spread round-robin by this process)
+are compared with one router side by side, in ``--replica-rounds`` interleaved rounds (default 2)
+at 80% load: each round replays a trace of its own (seed, seed + 1, ...) through one router, then
+through the replicas, and the comparison pools each side's rounds, so that a p99 rests on twice
+the samples and drift of a noisy host falls on both sides alike. The first round's one-router run
+is the main table's least-loaded run at that load.
 
 **Measured.** Time to first token (TTFT) runs from a request's scheduled arrival time (not from
 when it was actually sent, so a late sender cannot hide queueing) to its first chunk with text;
@@ -90,6 +96,7 @@ from llmmesh.v1 import (
 
 MODEL = "sim-llama-3.1-8b"
 ORACLE = "oracle"
+LL = "least-loaded"
 ROUTER_POLICIES = ("round-robin", "random", "power-of-two", "least-loaded")
 POLICIES = (*ROUTER_POLICIES, ORACLE)
 DEFAULT_OUT = ROOT / "bench" / "results" / "lb.json"
@@ -129,6 +136,7 @@ class Options:
     requests: int | None = None
     replicas: int = 3
     replica_load: float = TARGET_LOAD
+    replica_rounds: int = 2
     deadline_s: float = 30.0
     seed: int = 1
     out: Path = DEFAULT_OUT
@@ -555,28 +563,103 @@ class Run:
     model: CapacityModel
     trace_sizes: dict[str, int] = field(default_factory=dict)
     results: dict[str, dict[str, RunResult]] = field(default_factory=dict)
+    #: The replica comparison's runs one by one, before pooling (key ``<side>#<round>``).
+    rounds: dict[str, RunResult] = field(default_factory=dict)
 
 
 def replica_label(options: Options) -> str:
+    """Results key of the replicas, pooled over rounds."""
     return f"{load_label(options.replica_load)}-{options.replicas}-routers"
 
 
-def plan(options: Options) -> list[tuple[str, str, float, int]]:
-    """Every run: (results key, policy, load, routers)."""
-    runs = [(load_label(ld), p, ld, 1) for ld in options.loads for p in options.policies]
+def one_router_label(options: Options) -> str:
+    """Results key of the one-router side of the replica comparison, pooled over rounds."""
+    return f"{load_label(options.replica_load)}-1-router"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One run: its results key, policy, load, router count and trace seed."""
+
+    key: str
+    policy: str
+    load: float
+    routers: int
+    seed: int
+
+
+def plan(options: Options) -> list[Planned]:
+    """Every run, in order: the main table, then the interleaved replica rounds."""
+    runs = [
+        Planned(load_label(ld), p, ld, 1, options.seed)
+        for ld in options.loads
+        for p in options.policies
+    ]
     if options.replicas > 1 and "least-loaded" in options.policies:
-        runs.append(
-            (replica_label(options), "least-loaded", options.replica_load, options.replicas)
-        )
+        load = options.replica_load
+        for r in range(max(1, options.replica_rounds)):
+            seed = options.seed + r
+            if r > 0 or load not in options.loads:
+                runs.append(Planned(f"{one_router_label(options)}#{r + 1}", LL, load, 1, seed))
+            runs.append(
+                Planned(f"{replica_label(options)}#{r + 1}", LL, load, options.replicas, seed)
+            )
     return runs
 
 
-def trace_for(options: Options, load: float, rps: float) -> list[TraceItem]:
+def trace_for(
+    options: Options, load: float, rps: float, seed: int | None = None
+) -> list[TraceItem]:
+    seed = options.seed if seed is None else seed
     if options.requests is not None:
-        return make_trace(options.seed, options.requests)
+        return make_trace(seed, options.requests)
     expected = options.duration_s * load * rps
-    full = make_trace(options.seed, int(expected * 1.5) + 50)
+    full = make_trace(seed, int(expected * 1.5) + 50)
     return [item for item in full if item.unit_at / (load * rps) < options.duration_s]
+
+
+def pool(parts: Sequence[RunResult]) -> RunResult:
+    """One result from several runs of the same policy: their samples and errors together."""
+    first = parts[0]
+    pooled = RunResult(
+        first.policy,
+        first.load,
+        first.routers,
+        sum(p.requests for p in parts),
+        statistics.fmean(p.offered_rps for p in parts),
+        samples=[s for p in parts for s in p.samples],
+        errors={},
+        first_error=next((p.first_error for p in parts if p.first_error), ""),
+        elapsed_s=sum(p.elapsed_s for p in parts),
+        max_send_lag_s=max(p.max_send_lag_s for p in parts),
+    )
+    for p in parts:
+        for code, n in p.errors.items():
+            pooled.errors[code] = pooled.errors.get(code, 0) + n
+    for name in first.cpu_percent:
+        values = [p.cpu_percent.get(name) for p in parts]
+        pooled.cpu_percent[name] = (
+            None if any(v is None for v in values) else statistics.fmean(v or 0 for v in values)
+        )
+    return pooled
+
+
+def pool_rounds(run: Run) -> None:
+    """Replace the replica rounds' results by each side pooled (kept apart in ``run.rounds``)."""
+    o = run.options
+    sides: dict[str, list[RunResult]] = {one_router_label(o): [], replica_label(o): []}
+    first_one = run.results.get(load_label(o.replica_load), {}).get(LL)
+    if first_one is not None and any(k.startswith(replica_label(o) + "#") for k in run.results):
+        sides[one_router_label(o)].append(first_one)
+    for key in list(run.results):
+        base, sep, _ = key.partition("#")
+        if sep and base in sides:
+            result = run.results.pop(key)[LL]
+            run.rounds[key] = result
+            sides[base].append(result)
+    for key, parts in sides.items():
+        if parts:
+            run.results[key] = {LL: pool(parts)}
 
 
 def estimate_run_s(options: Options, requests: int, rate: float, routers: int) -> float:
@@ -588,27 +671,28 @@ async def run_all(options: Options) -> Run:
     model = capacity_model(options)
     run = Run(options, model)
     runs = plan(options)
-    traces = {key: trace_for(options, load, model.fleet_rps) for key, _, load, _ in runs}
+    traces = {r.key: trace_for(options, r.load, model.fleet_rps, r.seed) for r in runs}
     estimates = [
-        estimate_run_s(options, len(traces[key]), load * model.fleet_rps, routers)
-        for key, _, load, routers in runs
+        estimate_run_s(options, len(traces[r.key]), r.load * model.fleet_rps, r.routers)
+        for r in runs
     ]
     async with Progress(4 + sum(estimates), enabled=options.progress) as progress:
         progress.phase(f"starting {len(options.speeds)} sim workers", 4)
         fleet = Fleet(options)
         await fleet.start()
         try:
-            for (key, policy, load, routers), estimate in zip(runs, estimates, strict=True):
-                trace = traces[key]
-                run.trace_sizes[key] = len(trace)
-                label = f"{key} {policy}" + (f" x{routers} routers" if routers > 1 else "")
+            for r, estimate in zip(runs, estimates, strict=True):
+                trace = traces[r.key]
+                run.trace_sizes[r.key] = len(trace)
+                label = f"{r.key} {r.policy}" + (f" x{r.routers} routers" if r.routers > 1 else "")
                 progress.phase(f"{label}: {len(trace)} requests", estimate)
                 result = await run_one(
-                    options, fleet, trace, policy, load, routers, model.fleet_rps
+                    options, fleet, trace, r.policy, r.load, r.routers, model.fleet_rps
                 )
-                run.results.setdefault(key, {})[policy] = result
+                run.results.setdefault(r.key, {})[r.policy] = result
         finally:
             await fleet.close()
+    pool_rounds(run)
     return run
 
 
@@ -630,17 +714,20 @@ def targets(run: Run) -> dict[str, Any]:
     oracle = _p99(run, key, ORACLE)
     rr = _p99(run, key, "round-robin")
     replicas = (
-        _p99(run, replica_label(run.options), "least-loaded")
+        _p99(run, replica_label(run.options), LL)
         if run.options.replica_load == TARGET_LOAD
         else None
     )
+    one = _p99(run, one_router_label(run.options), LL) if replicas is not None else None
+    if one is None:
+        one = ll
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b is not None and b > 0 else None
 
     vs_oracle = ratio(ll, oracle)
     vs_rr = ratio(rr, ll)
-    vs_one = ratio(replicas, ll)
+    vs_one = ratio(replicas, one)
     return {
         "load": key,
         "metric": "ttft_p99_ms",
@@ -659,8 +746,9 @@ def targets(run: Run) -> dict[str, Any]:
             "pass": None if vs_rr is None else vs_rr >= TARGET_ROUND_ROBIN_FACTOR,
         },
         "three_routers_within_20pct_of_one": {
-            "one_router": ll,
+            "one_router": one,
             "routers": run.options.replicas,
+            "rounds": sum(1 for k in run.rounds if k.startswith(replica_label(run.options))),
             "replicas": replicas,
             "ratio": rounded(vs_one),
             "limit": TARGET_REPLICA_RATIO,
@@ -722,11 +810,19 @@ def report(run: Run) -> str:
         "errors",
     ]
     rows = []
+    rounds = sum(1 for k in run.rounds if k.startswith(replica_label(run.options)))
     names = {
         (key, policy): policy + (f" x{result.routers} routers" if result.routers > 1 else "")
         for key, by_policy in run.results.items()
         for policy, result in by_policy.items()
     }
+    for key in (one_router_label(run.options), replica_label(run.options)):
+        for policy in run.results.get(key, {}):
+            one = key == one_router_label(run.options)
+            names[key, policy] = (
+                f"{policy} x{1 if one else run.options.replicas} "
+                f"router{'' if one else 's'}, {rounds} round{'s' if rounds != 1 else ''}"
+            )
     width = max((len(n) for n in names.values()), default=0)
     for key, by_policy in run.results.items():
         for policy, result in by_policy.items():
@@ -792,6 +888,7 @@ def results(run: Run, argv: Sequence[str]) -> dict[str, Any]:
             "deadline_s": o.deadline_s,
             "replicas": o.replicas,
             "replica_load": load_label(o.replica_load),
+            "replica_rounds": o.replica_rounds,
             "seed": o.seed,
             "workload": {
                 "arrivals": "open-loop Poisson",
@@ -822,6 +919,7 @@ def results(run: Run, argv: Sequence[str]) -> dict[str, Any]:
             key: {policy: r.result() for policy, r in by_policy.items()}
             for key, by_policy in run.results.items()
         },
+        "replica_rounds": {key: r.result() for key, r in run.rounds.items()},
         "targets": targets(run),
         "notes": notes(run),
     }
@@ -940,6 +1038,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="router replicas of the least-loaded replica run at 80%% (0 or 1: no such run)",
     )
     parser.add_argument(
+        "--replica-rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds of one router vs the replicas, pooled (default 2)",
+    )
+    parser.add_argument(
         "--deadline", type=float, default=30.0, help="per-request deadline, seconds (default 30)"
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the request trace")
@@ -969,6 +1073,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--requests: must be >= 1")
     if args.replicas < 0:
         parser.error("--replicas: must be >= 0")
+    if args.replica_rounds < 1:
+        parser.error("--replica-rounds: must be >= 1")
     if not args.deadline > 0:
         parser.error("--deadline: must be > 0")
     return Options(
@@ -981,6 +1087,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         duration_s=duration,
         requests=args.requests,
         replicas=args.replicas,
+        replica_rounds=args.replica_rounds,
         deadline_s=args.deadline,
         seed=args.seed,
         out=args.out,

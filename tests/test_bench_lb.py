@@ -14,7 +14,7 @@ import pytest
 
 from bench import lb
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(90)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "throughput_rps", "errors"}
@@ -33,27 +33,35 @@ class TestSmokeRun:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=55,
+            timeout=85,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "TTFT p99 ms" in done.stdout
-        assert "least-loaded x2 routers" in done.stdout
+        assert "least-loaded x2 routers, 2 rounds" in done.stdout
 
         results = json.loads(out.read_text())
         assert {"cpu_count", "python", "platform"} <= set(results["machine"])
-        assert set(results["results"]) == {"80%", "80%-2-routers"}
+        assert set(results["results"]) == {"80%", "80%-1-router", "80%-2-routers"}
         assert set(results["results"]["80%"]) == {"least-loaded", "oracle"}
         assert set(results["results"]["80%-2-routers"]) == {"least-loaded"}
-        for by_policy in results["results"].values():
+        # Two interleaved rounds per side, pooled: the first one-router round is the main run.
+        assert set(results["replica_rounds"]) == {
+            "80%-1-router#2",
+            "80%-2-routers#1",
+            "80%-2-routers#2",
+        }
+        pooled = {"80%-1-router", "80%-2-routers"}
+        for key, by_policy in results["results"].items():
             for policy, figures in by_policy.items():
                 assert set(figures) >= FIGURES, policy
                 assert figures["errors"] == 0, figures
-                assert figures["requests"] == figures["completed"] == 24
+                n = 48 if key in pooled else 24
+                assert figures["requests"] == figures["completed"] == n
                 assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
                 assert figures["ttft_p50_ms"] <= figures["e2e_p50_ms"] <= figures["e2e_p99_ms"]
                 assert figures["throughput_rps"] > 0
                 # Every request was answered by one of the four workers, named in its summary.
-                assert sum(figures["completed_per_worker"].values()) == 24
+                assert sum(figures["completed_per_worker"].values()) == n
                 assert len(figures["completed_per_worker"]) <= 4
         settings = results["settings"]
         assert settings["sim_speed_factors"] == [2.0, 2.0, 1.0, 0.5]
@@ -158,6 +166,28 @@ class TestTargets:
         assert t["least_loaded_3x_better_than_round_robin"]["pass"] is False
         assert t["three_routers_within_20pct_of_one"]["pass"] is False
         assert t["least_loaded_within_15pct_of_oracle"]["ratio"] == pytest.approx(1.2)
+
+    def test_replicas_are_compared_with_pooled_one_router_rounds(self) -> None:
+        """The replica target compares each side's rounds pooled, not the main table's run."""
+        run = self.make_run(ll=100, oracle=100, rr=400, replicas=0)
+        del run.results["80%-3-routers"]
+        run.results["80%-1-router#2"] = {"least-loaded": fake_result("least-loaded", 200)}
+        for r in (1, 2):
+            run.results[f"80%-3-routers#{r}"] = {
+                "least-loaded": fake_result("least-loaded", 210, 3)
+            }
+        lb.pool_rounds(run)
+        assert set(run.rounds) == {"80%-1-router#2", "80%-3-routers#1", "80%-3-routers#2"}
+        one = run.results["80%-1-router"]["least-loaded"]
+        assert len(one.samples) == 200
+        assert one.requests == 200
+        assert len(run.results["80%-3-routers"]["least-loaded"].samples) == 200
+        c = lb.targets(run)["three_routers_within_20pct_of_one"]
+        # Pooled one-router samples are half at 100 ms and half at 200 ms: p99 is 200 ms.
+        assert c["one_router"] == 200.0
+        assert c["replicas"] == 210.0
+        assert c["rounds"] == 2
+        assert c["pass"] is True
 
     def test_missing_runs_are_not_measured(self) -> None:
         run = lb.Run(lb.Options(), lb.capacity_model(lb.Options(), samples=1000))
