@@ -71,6 +71,12 @@ DISCOVERY_LAST_CHANGE = Gauge(
     "Unix time when the discovered set of workers last changed.",
     ["source"],
 )
+STALE_REPORTS = Counter(
+    "llmmesh_router_worker_reports_stale_total",
+    "Times a worker's load reports stopped for longer than --load-stale-after (it was SUSPECT"
+    " until they resumed), by worker.",
+    ["worker_id"],
+)
 BUSY_REFUSALS = Counter(
     "llmmesh_router_busy_refusals_total",
     "Requests a worker refused because another router had just taken its free slot; the request"

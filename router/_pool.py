@@ -124,6 +124,8 @@ class Worker:
         self.probed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.load_task: asyncio.Task[None] | None = None
+        #: Fires when its last report turns stale, to say so once.
+        self.stale_timer: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> WorkerState:
@@ -321,6 +323,9 @@ class WorkerPool:
         self._closed = True
         for timer in self._timers:
             timer.cancel()
+        for worker in self._workers.values():
+            if worker.stale_timer is not None:
+                worker.stale_timer.cancel()
         channels = [w.channel for w in self._workers.values()] + self._retired
         self._workers.clear()
         tasks = list(self._tasks)
@@ -504,6 +509,8 @@ class WorkerPool:
         for task in (worker.task, worker.load_task):
             if task is not None:
                 task.cancel()
+        if worker.stale_timer is not None:
+            worker.stale_timer.cancel()
         if worker.worker_id:
             with contextlib.suppress(KeyError):
                 metrics.WORKER_IN_FLIGHT.remove(worker.worker_id)
@@ -564,7 +571,25 @@ class WorkerPool:
             )
         if was is WorkerState.SUSPECT and worker.state is WorkerState.HEALTHY:
             log.info("worker load reports resumed", worker=worker.describe())
+        if worker.stale_timer is not None:
+            worker.stale_timer.cancel()
+        worker.stale_timer = asyncio.get_running_loop().call_later(
+            worker.stale_after + 0.001, self._report_went_stale, worker
+        )
         self._changed(worker)
+
+    def _report_went_stale(self, worker: Worker) -> None:
+        """No report for ``load_stale_after``: said once, when the worker turns SUSPECT for it."""
+        worker.stale_timer = None
+        if self._closed or self._workers.get(worker.address) is not worker:
+            return
+        if worker.state is WorkerState.SUSPECT and worker.health is WorkerState.HEALTHY:
+            metrics.STALE_REPORTS.labels(worker.worker_id or worker.address).inc()
+            log.warning(
+                "worker load reports stopped; no new requests until they resume",
+                worker=worker.describe(),
+                last_report_age_ms=round((worker.report_age() or 0.0) * 1000.0, 1),
+            )
 
     # -- health -----------------------------------------------------------------------------
 

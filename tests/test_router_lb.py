@@ -196,8 +196,15 @@ class TestLoadReports:
             running_router([s.address for s in servers], load_stale_after=_seconds(0.3)) as router,
         ):
             await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 2)
+            stale = metric("llmmesh_router_worker_reports_stale_total", worker_id="a")
             a.reporting = False
             await assert_eventually(lambda: _is(router, "a", SUSPECT), timeout=5)
+            # Said once when the reports stop, not on every request it is passed over.
+            await assert_eventually(
+                lambda: (
+                    metric("llmmesh_router_worker_reports_stale_total", worker_id="a") == stale + 1
+                )
+            )
             before = len(a.requests)
             assert (await _served_by(router, 10)) == Counter({"b": 10})
             assert len(a.requests) == before
@@ -205,6 +212,7 @@ class TestLoadReports:
             a.load_changed()
             await assert_eventually(lambda: _is(router, "a", HEALTHY), timeout=5)
             assert (await _served_by(router, 20))["a"] > 0
+            assert metric("llmmesh_router_worker_reports_stale_total", worker_id="a") == stale + 1
 
     async def test_draining_worker_gets_nothing_new_at_once(self) -> None:
         a, b = FakeWorker("a"), FakeWorker("b")
