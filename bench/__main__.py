@@ -30,6 +30,11 @@ COMMANDS: dict[str, Command] = {
         "router policies vs a join-shortest-queue oracle on a heterogeneous sim fleet under "
         "open-loop Poisson load at 50/80/95%: TTFT and end-to-end p50/p99, throughput",
     ),
+    "hotpath": Command(
+        "bench.hotpath",
+        "the RPC hot path on loopback with h2load: a bare grpc.aio hop (the floor), a direct "
+        "worker call, router miss and cache hit at 1/32/256, streamed tokens/s, CPU per request",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
-"""What the benchmarks share: percentiles, tables, the results file, a progress bar, CPU meters
-and a service process started the way tests start one (``--ready-file``)."""
+"""What the benchmarks share: percentiles, tables, the results file, a progress bar, CPU meters,
+a service process started the way tests start one (``--ready-file``), a throwaway Redis, a
+Prometheus scrape and gRPC's message framing for raw HTTP/2 load generators."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import math
 import os
 import platform
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -294,3 +299,34 @@ def close_services(services: Sequence[ServiceProcess]) -> None:
         service.terminate()
     for service in services:
         service.close()
+
+
+# -- Redis, metrics, raw gRPC --------------------------------------------------------------------
+
+
+def ready_info(service: ServiceProcess) -> dict[str, Any]:
+    """What a started service wrote in its ready file (``pid``, ``port``, ``metrics_port``)."""
+    info: dict[str, Any] = json.loads(service.ready_file.read_text())
+    return info
+
+
+def scrape_metrics(port: int, timeout_s: float = 5.0) -> dict[str, float]:
+    """Every sample on ``http://127.0.0.1:<port>/metrics``, keyed ``name{label="v",...}``
+    (labels sorted)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as reply:
+        text = reply.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+GRPC_FRAME_HEADER = struct.Struct(">BI")
+"""gRPC's length prefix: a compressed flag byte, then the message length (big-endian)."""
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    """One uncompressed gRPC message frame: the body a raw HTTP/2 client (``h2load -d``) sends."""
+    return GRPC_FRAME_HEADER.pack(0, len(payload)) + payload

@@ -3,9 +3,22 @@
 The servicer validates requests, applies the TTL and size policy, counts what happens, and leaves
 keeping entries to a :class:`~cache_service.stores.CacheStore`. A store that fails makes the RPC
 answer UNAVAILABLE at once (every store operation is bounded by the store's timeout), and the
-router goes on without the cache. :class:`StoreHealth` turns the stream of successes and failures
-into one log line when an outage starts and one when it ends, and the ``llmmesh_cache_store_up``
-gauge; a background probe keeps both current when no requests come.
+router goes on without the cache. Every store operation goes through the store's circuit breaker
+(:class:`StoreHealth`, llmmesh/breaker.py): after ``--store-breaker-failures`` failures in a row
+the circuit opens and every RPC that needs the store answers UNAVAILABLE at once, saying so,
+without touching the store, until one trial operation succeeds. The background probe pings the
+store every few seconds, and as soon as an open circuit's cool-down ends, so that it is the trial
+that notices recovery when no requests come. One outage is one warning line when the circuit
+opens and one info line when it closes, and the ``llmmesh_cache_store_up`` gauge follows the last
+operation.
+
+Single-flight across routers: a Lookup with ``claim`` asks the store for the entry or the key's fill
+lock in one step (:meth:`~cache_service.stores.CacheStore.get_or_claim`). When another caller holds
+the lock, the lookup waits (``await_fill``: the entry appears or the lock goes) and asks again, for
+at most ``wait_ms`` (capped by ``--fill-max-wait`` and the call's deadline), then answers a miss
+without the lock. An entry found after waiting is ``coalesced`` (Stats and
+``llmmesh_cache_coalesced_total``); a lock taken after waiting means its owner released it or died
+(``taken_over``).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -26,8 +39,9 @@ from cache_service import _metrics as metrics
 from cache_service._config import CacheConfig
 from cache_service.stores import CacheStore, MemoryStore, RedisStore, StoreUnavailable
 from llmmesh import logs
+from llmmesh.breaker import BreakerSettings, CircuitBreaker, CircuitOpen, Ticket
 from llmmesh.cache_key import DEFAULT_TENANT
-from llmmesh.errors import InvalidArgument, grpc_errors
+from llmmesh.errors import InvalidArgument, Unavailable, grpc_errors
 from llmmesh.server import ServiceRunner
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc
 
@@ -47,50 +61,93 @@ KEY_SHAPE = re.compile(r"llmmesh:v[0-9]+:[!-~]+")
 REQUEST_ID_METADATA_KEY = "x-llmmesh-request-id"
 #: How often the background probe pings the store.
 PROBE_INTERVAL_S = 2.0
+#: Longest fill token accepted (the stores issue 32 hex digits).
+MAX_TOKEN_CHARS = 64
+#: A waiting lookup leaves this much of the call's deadline to answer in.
+REPLY_SLACK_S = 0.02
 
 
 def open_store(config: CacheConfig) -> CacheStore:
     """The store ``config`` asks for. Nothing connects yet."""
+    poll_interval_s = config.fill_poll_interval.total_seconds()
     if config.store == "memory":
-        return MemoryStore(max_entries=config.memory_max_entries, max_bytes=config.memory_max_bytes)
+        return MemoryStore(
+            max_entries=config.memory_max_entries,
+            max_bytes=config.memory_max_bytes,
+            poll_interval_s=poll_interval_s,
+        )
     return RedisStore(
         config.redis_url,
         timeout=config.redis_timeout.total_seconds(),
         max_connections=config.redis_max_connections,
+        poll_interval_s=poll_interval_s,
     )
 
 
-class StoreHealth:
-    """Whether the store answered last time; logs each change of state once."""
+#: Store operations that wait for another caller rather than test the store: never the trial
+#: call of a half-open circuit (llmmesh/breaker.py).
+WAITING_OPS = frozenset({"await_fill"})
 
-    def __init__(self, store: str) -> None:
+
+class StoreCircuitOpen(StoreUnavailable):
+    """A store operation refused without trying, because the store's circuit is open."""
+
+    def __init__(self, store: str, op: str, refusal: CircuitOpen) -> None:
+        Unavailable.__init__(self, f"cache store {store} unavailable ({refusal.detail})")
+        self.store = store
+        self.op = op
+        self.cause = refusal.detail
+
+
+class StoreHealth:
+    """The store's circuit breaker, and the ``llmmesh_cache_store_up`` gauge.
+
+    One outage of the store is one warning line (``cache store unavailable``, with the cause,
+    when the circuit opens) and one info line (``cache store recovered``, when a trial closes it).
+    """
+
+    def __init__(self, store: str, settings: BreakerSettings | None = None) -> None:
         self.store = store
         #: None until the first operation, then whether the last one succeeded.
         self.up: bool | None = None
-        self._down_since = 0.0
+        self.breaker = CircuitBreaker(
+            store,
+            settings=settings,
+            metrics=metrics.CIRCUIT,
+            opened_event="cache store unavailable",
+            closed_event="cache store recovered",
+        )
 
-    def succeeded(self) -> None:
-        if self.up is False:
-            log.info(
-                "cache store recovered",
-                store=self.store,
-                down_for_s=round(time.monotonic() - self._down_since, 3),
-            )
+    def admit(self, op: str) -> Ticket:
+        """Permission to run ``op`` on the store, or :class:`StoreCircuitOpen` at once."""
+        try:
+            return self.breaker.acquire(may_trial=op not in WAITING_OPS)
+        except CircuitOpen as refusal:
+            raise StoreCircuitOpen(self.store, op, refusal) from None
+
+    def succeeded(self, ticket: Ticket) -> None:
+        self.breaker.succeeded(ticket)
         self.up = True
         metrics.STORE_UP.set(1)
 
-    def failed(self, error: StoreUnavailable, *, at_start: bool = False) -> None:
-        if self.up is not False:
-            self._down_since = time.monotonic()
-            log.warning(
-                "cache store unavailable",
-                store=self.store,
-                error=error.message,
-                at_start=at_start,
-                serving="UNAVAILABLE to every RPC until the store answers again",
-            )
+    def failed(self, ticket: Ticket, error: StoreUnavailable) -> None:
+        self.breaker.failed(ticket, error.message)
         self.up = False
         metrics.STORE_UP.set(0)
+
+    def abandoned(self, ticket: Ticket) -> None:
+        """The operation ended without a verdict on the store (cancelled, or a bug)."""
+        self.breaker.abandoned(ticket)
+
+    def failed_at_start(self, error: StoreUnavailable) -> None:
+        """The store did not answer the first ping: open the circuit at once."""
+        self.breaker.trip(error.message, at_start=True)
+        self.up = False
+        metrics.STORE_UP.set(0)
+
+    def succeeded_at_start(self) -> None:
+        self.up = True
+        metrics.STORE_UP.set(1)
 
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
@@ -101,17 +158,17 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     ) -> None:
         self._store = store
         self._config = config
-        self._health = health or StoreHealth(store.name)
+        self._health = health or StoreHealth(store.name, config.store_breaker)
         self.hits = 0
         self.misses = 0
         self.errors = 0
-        #: Requests joined to an identical one in flight: single-flight comes with issue 6.
+        #: Lookups answered with an entry after waiting for another caller's fill.
         self.coalesced = 0
 
     async def Lookup(
         self, request: cache_pb2.LookupRequest, context: Context
     ) -> cache_pb2.LookupResponse:
-        return await _serve(context, "Lookup", lambda: self._lookup(request))
+        return await _serve(context, "Lookup", lambda: self._lookup(request, context))
 
     async def Store(
         self, request: cache_pb2.StoreRequest, context: Context
@@ -123,13 +180,29 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     ) -> cache_pb2.InvalidateResponse:
         return await _serve(context, "Invalidate", lambda: self._invalidate(request))
 
+    async def ReleaseFill(
+        self, request: cache_pb2.ReleaseFillRequest, context: Context
+    ) -> cache_pb2.ReleaseFillResponse:
+        return await _serve(context, "ReleaseFill", lambda: self._release_fill(request))
+
+    async def ExtendFill(
+        self, request: cache_pb2.ExtendFillRequest, context: Context
+    ) -> cache_pb2.ExtendFillResponse:
+        return await _serve(context, "ExtendFill", lambda: self._extend_fill(request))
+
     async def Stats(
         self, request: cache_pb2.StatsRequest, context: Context
     ) -> cache_pb2.StatsResponse:
         return await _serve(context, "Stats", self._stats)
 
-    async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+    async def _lookup(
+        self, request: cache_pb2.LookupRequest, context: Context
+    ) -> cache_pb2.LookupResponse:
         key = _check_key("key", request.key)
+        if request.claim:
+            return await self._lookup_or_claim(key, request, context)
+        if request.wait_ms:
+            raise InvalidArgument("wait_ms", "needs claim (a lookup waits only in order to claim)")
         try:
             value = await self._call("get", self._store.get(key))
         except StoreUnavailable:
@@ -146,10 +219,94 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         log.debug("cache hit", key=key)
         return cache_pb2.LookupResponse(hit=True, entry=entry)
 
+    async def _lookup_or_claim(
+        self, key: str, request: cache_pb2.LookupRequest, context: Context
+    ) -> cache_pb2.LookupResponse:
+        """The entry, else the fill lock, else wait for its owner and ask again (module doc)."""
+        lock_ttl_ms = self._config.fill_lock_ttl_ms(request.lock_ttl_ms)
+        wait_s = min(request.wait_ms / 1000.0, self._config.fill_max_wait.total_seconds())
+        remaining: float | None = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining - REPLY_SLACK_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        waited = False
+        try:
+            while True:
+                claim = await self._call(
+                    "get_or_claim", self._store.get_or_claim(key, lock_ttl_ms=lock_ttl_ms)
+                )
+                if claim.value is not None:
+                    entry = _decode(key, claim.value)
+                    if entry is None:
+                        break
+                    self.hits += 1
+                    metrics.LOOKUPS.labels(result="hit").inc()
+                    if waited:
+                        self.coalesced += 1
+                        metrics.COALESCED.inc()
+                    log.debug("cache hit", key=key, coalesced=waited)
+                    return cache_pb2.LookupResponse(hit=True, entry=entry, coalesced=waited)
+                if claim.token is not None:
+                    self.misses += 1
+                    metrics.LOOKUPS.labels(result="miss").inc()
+                    metrics.FILL_LOCKS.labels(event="taken_over" if waited else "claimed").inc()
+                    if waited:
+                        log.info("fill lock taken over (its owner released it or died)", key=key)
+                    else:
+                        log.debug("cache miss; fill lock claimed", key=key, ttl_ms=lock_ttl_ms)
+                    return cache_pb2.LookupResponse(
+                        hit=False, fill_token=claim.token, lock_ttl_ms=lock_ttl_ms
+                    )
+                left = deadline - loop.time()
+                if left <= 0:
+                    if waited:
+                        metrics.FILL_LOCKS.labels(event="wait_timed_out").inc()
+                    self.misses += 1
+                    metrics.LOOKUPS.labels(result="miss").inc()
+                    log.debug("cache miss; another caller holds the fill lock", key=key)
+                    return cache_pb2.LookupResponse(hit=False, fill_held=True)
+                waited = True
+                metrics.FILL_WAITERS.inc()
+                try:
+                    await self._call("await_fill", self._store.await_fill(key, timeout_s=left))
+                finally:
+                    metrics.FILL_WAITERS.dec()
+        except StoreUnavailable:
+            metrics.LOOKUPS.labels(result="error").inc()
+            raise
+        # An unreadable entry: a miss, without the lock (the caller's store replaces it).
+        self.misses += 1
+        metrics.LOOKUPS.labels(result="miss").inc()
+        return cache_pb2.LookupResponse(hit=False)
+
+    async def _release_fill(
+        self, request: cache_pb2.ReleaseFillRequest
+    ) -> cache_pb2.ReleaseFillResponse:
+        key = _check_key("key", request.key)
+        token = _check_token("fill_token", request.fill_token)
+        released = await self._call("release_fill", self._store.release_fill(key, token))
+        metrics.FILL_LOCKS.labels(event="released" if released else "not_owner").inc()
+        log.debug("fill lock released" if released else "fill token not the owner", key=key)
+        return cache_pb2.ReleaseFillResponse(released=released)
+
+    async def _extend_fill(
+        self, request: cache_pb2.ExtendFillRequest
+    ) -> cache_pb2.ExtendFillResponse:
+        key = _check_key("key", request.key)
+        token = _check_token("fill_token", request.fill_token)
+        lock_ttl_ms = self._config.fill_lock_ttl_ms(request.lock_ttl_ms)
+        owned = await self._call(
+            "extend_fill", self._store.extend_fill(key, token, lock_ttl_ms=lock_ttl_ms)
+        )
+        metrics.FILL_LOCKS.labels(event="extended" if owned else "not_owner").inc()
+        return cache_pb2.ExtendFillResponse(owned=owned, lock_ttl_ms=lock_ttl_ms if owned else 0)
+
     async def _store_entry(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
         key = _check_key("key", request.key)
         if not request.HasField("entry"):
             raise InvalidArgument("entry", "is required")
+        fill_token = _check_token("fill_token", request.fill_token) if request.fill_token else None
         entry = cache_pb2.CacheEntry()
         entry.CopyFrom(request.entry)
         if not entry.model:
@@ -166,17 +323,31 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                 bytes=len(value),
                 max_value_bytes=self._config.max_value_bytes,
             )
+            if fill_token is not None:
+                # Waiters must not wait for an entry that will never come.
+                await self._release_fill(
+                    cache_pb2.ReleaseFillRequest(key=key, fill_token=fill_token)
+                )
             return cache_pb2.StoreResponse(stored=False, ttl_seconds=0)
         ttl_s = min(request.ttl_seconds or self._config.default_ttl_s, self._config.max_ttl_s)
         try:
-            await self._call(
+            released = await self._call(
                 "set",
-                self._store.set(key, value, ttl_s=ttl_s, tenant=entry.tenant, model=entry.model),
+                self._store.set(
+                    key,
+                    value,
+                    ttl_s=ttl_s,
+                    tenant=entry.tenant,
+                    model=entry.model,
+                    fill_token=fill_token,
+                ),
             )
         except StoreUnavailable:
             metrics.STORES.labels(result="error").inc()
             raise
         metrics.STORES.labels(result="stored").inc()
+        if fill_token is not None:
+            metrics.FILL_LOCKS.labels(event="stored" if released else "not_owner").inc()
         log.debug("cache entry stored", key=key, ttl_s=ttl_s, bytes=len(value))
         return cache_pb2.StoreResponse(stored=True, ttl_seconds=ttl_s)
 
@@ -218,18 +389,29 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         )
 
     async def _call(self, op: str, call: Awaitable[T]) -> T:
-        """Await one store operation: time it, count a failure, track the store's health."""
+        """Await one store operation through the store's circuit breaker: refused at once while
+        the circuit is open; otherwise timed, and its failure counted."""
+        try:
+            ticket = self._health.admit(op)
+        except StoreCircuitOpen:
+            if isinstance(call, Coroutine):
+                call.close()
+            self.errors += 1
+            raise
         started = time.perf_counter()
         try:
             result = await call
         except StoreUnavailable as exc:
             self.errors += 1
             metrics.STORE_ERRORS.labels(op=op).inc()
-            self._health.failed(exc)
+            self._health.failed(ticket, exc)
+            raise
+        except BaseException:
+            self._health.abandoned(ticket)
             raise
         finally:
             metrics.OPERATION_DURATION.labels(op=op).observe(time.perf_counter() - started)
-        self._health.succeeded()
+        self._health.succeeded(ticket)
         return result
 
 
@@ -247,7 +429,7 @@ class CacheApp:
     ) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
-        self.health = StoreHealth(self.store.name)
+        self.health = StoreHealth(self.store.name, config.store_breaker)
         self.servicer = CacheServicer(self.store, config, self.health)
         self._probe_interval_s = probe_interval_s
         self._probe: asyncio.Task[None] | None = None
@@ -263,9 +445,9 @@ class CacheApp:
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            self.health.failed(exc, at_start=True)
+            self.health.failed_at_start(exc)
         else:
-            self.health.succeeded()
+            self.health.succeeded_at_start()
         self._probe = asyncio.create_task(self._probe_store(), name="cache-store-probe")
 
     async def drain(self) -> None:
@@ -280,17 +462,27 @@ class CacheApp:
 
     async def _probe_store(self) -> None:
         """Ping the store now and then so that outages and recoveries are noticed (logged, and
-        shown by llmmesh_cache_store_up) even when no requests come."""
+        shown by llmmesh_cache_store_up) even when no requests come. While the circuit is open
+        the probe wakes when its cool-down ends, to be the trial that closes it."""
         while True:
-            await asyncio.sleep(self._probe_interval_s)
+            retry_in = self.health.breaker.retry_in()
+            await asyncio.sleep(min(retry_in, self._probe_interval_s) or self._probe_interval_s)
+            try:
+                ticket = self.health.admit("ping")
+            except StoreCircuitOpen:
+                continue
             try:
                 await self.store.ping()
             except StoreUnavailable as exc:
-                self.health.failed(exc)
+                self.health.failed(ticket, exc)
             except Exception:
+                self.health.abandoned(ticket)
                 log.exception("cache store probe failed unexpectedly")
+            except BaseException:
+                self.health.abandoned(ticket)
+                raise
             else:
-                self.health.succeeded()
+                self.health.succeeded(ticket)
 
 
 async def _serve(context: Context, rpc: str, handler: Callable[[], Awaitable[T]]) -> T:
@@ -310,6 +502,16 @@ def _check_key(field: str, key: str) -> str:
             field, "is not a cache key (llmmesh:v1:<sha256 hex>, see llmmesh/cache_key.py)"
         )
     return key
+
+
+def _check_token(field: str, token: str) -> str:
+    if not token:
+        raise InvalidArgument(field, "is empty")
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+        raise InvalidArgument(
+            field, f"is not a fill token (LookupResponse.fill_token, at most {MAX_TOKEN_CHARS})"
+        )
+    return token
 
 
 def _check_name(field: str, name: str) -> str:

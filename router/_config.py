@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Literal
 
 from llmmesh import consul, settings
+from llmmesh.breaker import BreakerSettings
 from llmmesh.consul import ConsulSettings
 from llmmesh.discovery import parse_address
 from llmmesh.server import ServerSettings
@@ -59,6 +60,41 @@ class RouterConfig(ServerSettings, ConsulSettings):
     cache_timeout: timedelta = field(
         default=timedelta(milliseconds=50),
         metadata={"help": "longest a cache lookup may take before it counts as a miss"},
+    )
+    cache_breaker_failures: int = field(
+        default=5,
+        metadata={
+            "help": "cache calls failing in a row (unreachable, timed out, UNAVAILABLE) that open "
+            "the cache's circuit: lookups are then misses and stores dropped at once, without "
+            "calling the cache"
+        },
+    )
+    cache_breaker_cooldown: timedelta = field(
+        default=timedelta(seconds=1),
+        metadata={
+            "help": "how long the cache's circuit stays open before one trial call may test the "
+            "cache; doubled after each failed trial"
+        },
+    )
+    cache_breaker_cooldown_max: timedelta = field(
+        default=timedelta(seconds=10),
+        metadata={"help": "longest the cache's circuit stays open between two trials"},
+    )
+    fill_lock_ttl: timedelta = field(
+        default=timedelta(seconds=5),
+        metadata={
+            "help": "expiry of the cache fill lock taken for a request this router dispatches "
+            "(single-flight across routers), renewed every third of it while generating: other "
+            "routers take over this long after this one dies"
+        },
+    )
+    fill_max_wait: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata={
+            "help": "longest a request waits for another router's identical request to fill the "
+            "cache before dispatching itself (the caller's deadline, when sooner, bounds it); 0 "
+            "never waits"
+        },
     )
     max_request_time: timedelta = field(
         default=timedelta(minutes=10),
@@ -149,6 +185,18 @@ class RouterConfig(ServerSettings, ConsulSettings):
                 raise ValueError(f"cache_address: {exc}") from None
         if self.cache_timeout <= timedelta(0):
             raise ValueError("cache_timeout: must be > 0")
+        if self.cache_breaker_failures < 1:
+            raise ValueError(
+                f"cache_breaker_failures: must be >= 1 (got {self.cache_breaker_failures})"
+            )
+        if self.cache_breaker_cooldown <= timedelta(0):
+            raise ValueError("cache_breaker_cooldown: must be > 0")
+        if self.cache_breaker_cooldown_max < self.cache_breaker_cooldown:
+            raise ValueError("cache_breaker_cooldown_max: must be >= cache_breaker_cooldown")
+        if not timedelta(milliseconds=30) <= self.fill_lock_ttl <= timedelta(hours=1):
+            raise ValueError(f"fill_lock_ttl: must be in [30ms, 1h] (got {self.fill_lock_ttl})")
+        if not timedelta(0) <= self.fill_max_wait <= timedelta(hours=1):
+            raise ValueError(f"fill_max_wait: must be in [0, 1h] (got {self.fill_max_wait})")
         if self.max_request_time <= timedelta(0):
             raise ValueError("max_request_time: must be > 0")
         if self.max_attempts < 1:
@@ -178,6 +226,15 @@ class RouterConfig(ServerSettings, ConsulSettings):
             )
         if self.max_prompt_chars <= 0:
             raise ValueError(f"max_prompt_chars: must be > 0 (got {self.max_prompt_chars})")
+
+    @property
+    def cache_breaker(self) -> BreakerSettings:
+        """The settings of the cache's circuit breaker."""
+        return BreakerSettings(
+            failure_threshold=self.cache_breaker_failures,
+            cooldown=self.cache_breaker_cooldown,
+            cooldown_max=self.cache_breaker_cooldown_max,
+        )
 
     @property
     def limits(self) -> Limits:

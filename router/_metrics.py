@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmmesh.breaker import BreakerMetrics
 from llmmesh.discovery import DiscoveryStatus
 
 # Generation takes from milliseconds (a cache hit) to minutes (a long answer).
@@ -30,15 +31,18 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 CACHE_REQUESTS = Counter(
     "llmmesh_router_cache_requests_total",
-    "Cache lookups by result: hit, miss, or error (cache down, slow or failing: served as a miss).",
+    "Cache lookups by result: hit, miss, error (cache down, slow or failing: served as a miss), or"
+    " skipped (the cache's circuit was open: a miss at once, the cache not called).",
     ["result"],
 )
 CACHE_STORES = Counter(
     "llmmesh_router_cache_stores_total",
-    "Background stores of finished answers by result: stored, refused (too large), error, or"
-    " dropped (too many pending).",
+    "Background stores of finished answers by result: stored, refused (too large), error,"
+    " dropped (too many pending), or skipped (the cache's circuit was open).",
     ["result"],
 )
+#: The cache's circuit breaker: llmmesh_router_circuit_{state,short_circuited_total,opened_total}.
+CIRCUIT = BreakerMetrics.create("router")
 WORKER_IN_FLIGHT = Gauge(
     "llmmesh_router_worker_in_flight",
     "Requests this router has in flight on each worker.",
@@ -108,6 +112,30 @@ REJECTED = Counter(
     "Requests the admission queue turned away, by reason: queue_full, max_wait, deadline.",
     ["reason"],
 )
+
+COALESCED = Counter(
+    "llmmesh_router_coalesced_total",
+    "Requests answered with the answer of an identical request instead of dispatching, by where"
+    " they waited: router (joined a request in flight in this router) or cache (waited for another"
+    " router's fill through the cache service).",
+    ["via"],
+)
+FLIGHT_FOLLOWERS = Gauge(
+    "llmmesh_router_flight_followers",
+    "Requests waiting now for an identical request in flight in this router.",
+)
+CACHE_FILL_LOCKS = Counter(
+    "llmmesh_router_cache_fill_locks_total",
+    "Cache fill locks (single-flight across routers) by event: claimed (this router dispatches and"
+    " fills), held_elsewhere (another router's fill did not finish within the wait: dispatched"
+    " without the lock), lost (the lock expired before the answer was stored), released (given"
+    " up without storing: the request failed or was cancelled).",
+    ["event"],
+)
+for _via in ("router", "cache"):
+    COALESCED.labels(_via)
+for _event in ("claimed", "held_elsewhere", "lost", "released"):
+    CACHE_FILL_LOCKS.labels(_event)
 
 
 class DiscoveryMetrics:

@@ -8,7 +8,12 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
 3. a model no worker has ever reported is NOT_FOUND;
 4. a cacheable request is looked up under a short timeout; a hit is answered at once (a streaming
    caller gets the cached text as a few chunks), a miss under CACHE_POLICY_ONLY_IF_CACHED is
-   NOT_FOUND;
+   NOT_FOUND. Single-flight: a request that reads and writes the cache and finds an identical one
+   in flight in this router follows it (router/_single_flight.py) and is given its answer (a
+   streaming caller gets it like a cache hit, its summary as the leader's with its own timings);
+   otherwise it leads, and its lookup claims the key's fill lock in the cache service, or waits
+   there for the router that holds it (router/_cache_client.py), so that identical requests on
+   other routers dispatch once too. A refresh never follows but may lead;
 5. the policy picks a HEALTHY worker of the model with a free batch slot (an ejected worker due
    its probe comes first; no worker at all: UNAVAILABLE, saying why). When every worker of the
    model is full the request waits in the admission queue (router/_admission.py), in priority
@@ -17,7 +22,10 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
    that cancels or runs out of time cancels the worker's call, which aborts the engine request.
    A failure before the first chunk is retried on another worker (bounded, jittered, within the
    deadline); never after;
-6. a finished, cacheable answer is stored in the background, without delaying the caller.
+6. a finished, cacheable answer is stored in the background, without delaying the caller (with
+   the fill lock's token, which releases it), and given to the request's followers. A leader that
+   fails or whose caller goes away releases its fill lock in the background; its followers go on
+   without it (one leads anew).
 """
 
 from __future__ import annotations
@@ -53,9 +61,10 @@ from llmmesh.validation import MAX_REQUEST_ID_CHARS, Limits, validate_request
 from router import _metrics as metrics
 from router._admission import AdmissionQueue
 from router._balancer import Policy, is_full, make_policy
-from router._cache_client import NoCache, ResponseCache, open_cache
+from router._cache_client import FillLease, NoCache, ResponseCache, open_cache
 from router._config import RouterConfig
 from router._pool import Lease, Worker, WorkerPool, WorkerState
+from router._single_flight import Answer, Flight, Flights
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +121,10 @@ class _Call:
     queued_ms: float = 0.0
     #: Times a worker refused the request as Busy (see :meth:`RouterService._before_retry`).
     busy_refusals: int = 0
+    #: The flight this request leads in this router (single-flight), if any.
+    flight: Flight | None = None
+    #: The cache fill lock this request holds (single-flight across routers), if any.
+    fill: FillLease | None = None
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000.0
@@ -130,6 +143,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         max_attempts: int = 3,
         cache: ResponseCache | None = None,
         admission: AdmissionQueue | None = None,
+        fill_lock_ttl: timedelta = timedelta(seconds=5),
+        fill_max_wait: timedelta = timedelta(seconds=30),
     ) -> None:
         self.pool = pool
         self.admission = admission or AdmissionQueue()
@@ -139,6 +154,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.limits = limits
         #: Replaced by :class:`RouterApp` once the event loop runs (channels need one).
         self.cache: ResponseCache = cache or NoCache()
+        self.flights = Flights()
+        self._fill_lock_ttl = fill_lock_ttl.total_seconds()
+        self._fill_max_wait = fill_max_wait.total_seconds()
         self._max_request_time = max_request_time.total_seconds()
         # A load-aware policy queues requests in the router until a worker has a free slot;
         # the worker is asked to refuse rather than queue one that finds the slot taken.
@@ -168,40 +186,46 @@ class RouterService(router_pb2_grpc.RouterServicer):
         structlog.contextvars.bind_contextvars(request_id=request_id[:MAX_REQUEST_ID_CHARS])
         async with _RpcScope("GenerateStream", context) as scope:
             call = self._prepare(request, request_id, context, scope.started)
-            entry = await self._lookup(call, context)
-            if entry is not None:
-                scope.note(cached=True, worker_id=entry.worker_id)
-                for chunk in _cached_chunks(call, entry, "GenerateStream"):
-                    yield chunk
-                return
-            tried: list[Worker] = []
-            while True:
-                lease = await self._acquire(call, tried, context)
-                worker = lease.worker
-                scope.note(worker_id=worker.worker_id)
-                relayed = False
-                with lease:
-                    stream = worker.stub.GenerateStream(
-                        call.request,
-                        timeout=self._timeout(context),
-                        metadata=self._worker_metadata,
-                    )
-                    # However the caller's RPC ends (cancelled, out of time, failed), the worker's
-                    # call ends with it and the worker aborts the engine request. Cancelling a
-                    # finished call is a no-op.
-                    context.add_done_callback(_cancel_on_done(stream))
-                    try:
-                        async for chunk in self._relay(call, lease, stream):
-                            relayed = True
-                            yield chunk
-                        return
-                    except errors.MeshError as exc:
-                        # After the first chunk the caller has part of an answer: never retried.
-                        if relayed:
-                            raise
-                        await self._before_retry(exc, worker, tried, call, context)
-                    finally:
-                        stream.cancel()
+            try:
+                found = await self._consult(call, context, scope)
+                if found is not None:
+                    for chunk in self._found_chunks(call, found, scope):
+                        yield chunk
+                    return
+                tried: list[Worker] = []
+                while True:
+                    lease = await self._acquire(call, tried, context)
+                    worker = lease.worker
+                    scope.note(worker_id=worker.worker_id)
+                    relayed = False
+                    with lease:
+                        stream = worker.stub.GenerateStream(
+                            call.request,
+                            timeout=self._timeout(context),
+                            metadata=self._worker_metadata,
+                        )
+                        # However the caller's RPC ends (cancelled, out of time, failed), the
+                        # worker's call ends with it and the worker aborts the engine request.
+                        # Cancelling a finished call is a no-op.
+                        context.add_done_callback(_cancel_on_done(stream))
+                        try:
+                            async for chunk in self._relay(call, lease, stream):
+                                relayed = True
+                                yield chunk
+                            return
+                        except errors.MeshError as exc:
+                            # After the first chunk the caller has part of an answer: never
+                            # retried.
+                            if relayed:
+                                raise
+                            await self._before_retry(exc, worker, tried, call, context)
+                        finally:
+                            stream.cancel()
+            except errors.MeshError as exc:
+                self._abandon(call, exc)
+                raise
+            finally:
+                self._abandon(call)
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: _Context
@@ -229,15 +253,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
         scope: _RpcScope,
     ) -> generate_pb2.GenerateResponse:
         call = self._prepare(request, request_id, context, scope.started)
-        entry = await self._lookup(call, context)
-        if entry is not None:
-            scope.note(cached=True, worker_id=entry.worker_id)
-            summary = _cached_summary(entry, call.elapsed_ms())
-            metrics.TIME_TO_FIRST_TOKEN.labels("Generate", "true").observe(
-                summary.timings.total_ms / 1000.0
-            )
+        try:
+            return await self._generate_once(call, context, scope)
+        except errors.MeshError as exc:
+            self._abandon(call, exc)
+            raise
+        finally:
+            self._abandon(call)
+
+    async def _generate_once(
+        self, call: _Call, context: _Context, scope: _RpcScope
+    ) -> generate_pb2.GenerateResponse:
+        """Answer a validated unary request: from the cache, a flight, or a worker."""
+        request = call.request
+        request_id = request.request_id
+        found = await self._consult(call, context, scope)
+        if found is not None:
+            text, summary, model = self._found(call, found, scope, "Generate")
             return generate_pb2.GenerateResponse(
-                request_id=request_id, model=request.model, text=entry.text, summary=summary
+                request_id=request_id, model=model, text=text, summary=summary
             )
         tried: list[Worker] = []
         while True:
@@ -268,7 +302,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
         response.request_id = request_id
         response.model = response.model or request.model
-        self._store(call, response.text, summary)
+        self._finish(call, response.text, summary)
         return response
 
     def _prepare(
@@ -298,6 +332,100 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if reads_cache(request) or writes_cache(request):
             key = cache_key(request, tenant=tenant, limits=self.limits)
         return _Call(request=forward, tenant=tenant, key=key, started=started)
+
+    async def _consult(
+        self, call: _Call, context: _Context, scope: _RpcScope
+    ) -> cache_pb2.CacheEntry | Answer | None:
+        """Before dispatching: the cached answer, or an identical request's answer (single-flight,
+        see the module docstring), or None: dispatch, with ``call.flight`` and ``call.fill`` set
+        when the request leads and holds the fill lock."""
+        request = call.request
+        if not writes_cache(request):
+            return await self._lookup(call, context)
+        if not reads_cache(request):
+            # A refresh dispatches itself; identical requests may follow it.
+            call.flight = self.flights.lead(call.key)
+            return None
+        while True:
+            flight, leading = self.flights.lead_or_join(call.key)
+            if leading:
+                call.flight = flight
+                break
+            remaining: float | None = context.time_remaining()
+            answer = await self.flights.follow(flight, timeout=remaining)
+            if answer is not None:
+                metrics.COALESCED.labels("router").inc()
+                scope.note(coalesced=True)
+                return answer
+        fill = await self.cache.lookup_or_claim(
+            call.key,
+            wait=self._fill_max_wait,
+            lock_ttl=self._fill_lock_ttl,
+            timeout=context.time_remaining(),
+        )
+        call.fill = fill.lease
+        if fill.entry is None:
+            return None
+        answer = Answer(request.model, fill.entry.text, _cached_summary(fill.entry, 0.0))
+        self.flights.land(call.flight, answer)
+        if not fill.coalesced:
+            return fill.entry
+        # Generated for this burst of identical requests by another router: not a cached answer.
+        answer.summary.cached = False
+        metrics.COALESCED.labels("cache").inc()
+        scope.note(coalesced=True)
+        return answer
+
+    def _found(
+        self,
+        call: _Call,
+        found: cache_pb2.CacheEntry | Answer,
+        scope: _RpcScope,
+        method: str,
+    ) -> tuple[str, generate_pb2.GenerationSummary, str]:
+        """Text, summary (with this request's timings) and model of an answer found before
+        dispatching: a cache entry, or the answer of the flight the request followed."""
+        elapsed_ms = call.elapsed_ms()
+        if isinstance(found, Answer):
+            summary = generate_pb2.GenerationSummary()
+            summary.CopyFrom(found.summary)
+            summary.timings.CopyFrom(
+                generate_pb2.Timings(time_to_first_token_ms=elapsed_ms, total_ms=elapsed_ms)
+            )
+            text, model = found.text, found.model
+        else:
+            summary = _cached_summary(found, elapsed_ms)
+            text, model = found.text, call.request.model
+        scope.note(cached=summary.cached, worker_id=summary.worker_id)
+        metrics.TIME_TO_FIRST_TOKEN.labels(method, "true" if summary.cached else "false").observe(
+            elapsed_ms / 1000.0
+        )
+        return text, summary, model
+
+    def _found_chunks(
+        self, call: _Call, found: cache_pb2.CacheEntry | Answer, scope: _RpcScope
+    ) -> list[generate_pb2.GenerateStreamResponse]:
+        """An answer found before dispatching, as a stream: the text in a few pieces, then the
+        summary."""
+        text, summary, _ = self._found(call, found, scope, "GenerateStream")
+        request_id = call.request.request_id
+        chunks = [
+            generate_pb2.GenerateStreamResponse(
+                request_id=request_id, text=text[i : i + _CACHED_CHUNK_CHARS]
+            )
+            for i in range(0, len(text), _CACHED_CHUNK_CHARS)
+        ]
+        chunks.append(generate_pb2.GenerateStreamResponse(request_id=request_id, summary=summary))
+        return chunks
+
+    def _abandon(self, call: _Call, error: errors.MeshError | None = None) -> None:
+        """At the end of a request however it ended: abort the flight it leads unless it landed
+        (followers go on without it, or share ``error`` when an identical request would get it
+        too), and release the fill lock it holds unless the answer was stored with it."""
+        if call.flight is not None:
+            self.flights.abort(call.flight, error)
+        if call.fill is not None:
+            call.fill.release()
 
     async def _lookup(self, call: _Call, context: _Context) -> cache_pb2.CacheEntry | None:
         """The cached answer, if the request may use one and there is one."""
@@ -451,7 +579,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         total_ms,
                         total_ms if first_ms is None else first_ms,
                     )
-                    self._store(call, "".join(parts), chunk.summary)
+                    self._finish(call, "".join(parts), chunk.summary)
                     finished = True
                 yield chunk
         except grpc.aio.AioRpcError as exc:
@@ -478,9 +606,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
         summary.timings.time_to_first_token_ms = first_token_ms
         summary.timings.total_ms = total_ms
 
-    def _store(self, call: _Call, text: str, summary: generate_pb2.GenerationSummary) -> None:
-        """Store a finished answer in the background when the request allows it."""
-        if summary.finish_reason not in _FINISHED or not writes_cache(call.request):
+    def _finish(self, call: _Call, text: str, summary: generate_pb2.GenerationSummary) -> None:
+        """A finished answer goes to the request's followers, and is stored in the background
+        (with the fill lock's token) when the request allows it."""
+        if summary.finish_reason not in _FINISHED:
+            return
+        if call.flight is not None:
+            landed = generate_pb2.GenerationSummary()
+            landed.CopyFrom(summary)
+            self.flights.land(call.flight, Answer(call.request.model, text, landed))
+        if not writes_cache(call.request):
             return
         entry = cache_pb2.CacheEntry(
             text=text,
@@ -492,7 +627,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             model=call.request.model,
             tenant=call.tenant,
         )
-        self.cache.store(call.key, entry, ttl_seconds=call.request.cache_ttl_seconds)
+        ttl_seconds = call.request.cache_ttl_seconds
+        if call.fill is not None:
+            call.fill.store(entry, ttl_seconds=ttl_seconds)
+        else:
+            self.cache.store(call.key, entry, ttl_seconds=ttl_seconds)
 
     def _worker_error(self, lease: Lease, exc: grpc.aio.AioRpcError) -> errors.MeshError:
         """What the caller gets for a failed worker call; a worker that seems gone gets no more
@@ -628,24 +767,6 @@ def _cached_summary(
     )
 
 
-def _cached_chunks(
-    call: _Call, entry: cache_pb2.CacheEntry, method: str
-) -> Sequence[generate_pb2.GenerateStreamResponse]:
-    """A cached answer as a stream: the text in a few pieces, then the summary."""
-    request_id = call.request.request_id
-    text = entry.text
-    chunks = [
-        generate_pb2.GenerateStreamResponse(
-            request_id=request_id, text=text[i : i + _CACHED_CHUNK_CHARS]
-        )
-        for i in range(0, len(text), _CACHED_CHUNK_CHARS)
-    ]
-    summary = _cached_summary(entry, call.elapsed_ms())
-    metrics.TIME_TO_FIRST_TOKEN.labels(method, "true").observe(summary.timings.total_ms / 1000.0)
-    chunks.append(generate_pb2.GenerateStreamResponse(request_id=request_id, summary=summary))
-    return chunks
-
-
 class RouterApp:
     """The router as a :class:`llmmesh.server.ServiceApp`."""
 
@@ -677,6 +798,8 @@ class RouterApp:
             admission=AdmissionQueue(
                 max_size=config.admission_queue_size, max_wait=config.admission_max_wait
             ),
+            fill_lock_ttl=config.fill_lock_ttl,
+            fill_max_wait=config.fill_max_wait,
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -690,6 +813,7 @@ class RouterApp:
             config.cache_address,
             timeout=config.cache_timeout,
             max_message_bytes=config.max_message_bytes,
+            breaker=config.cache_breaker,
         )
         await self.pool.start()
         await self.pool.wait_ready(timeout=2.0)

@@ -202,7 +202,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
 
 
 class FakeCache(cache_pb2_grpc.CacheServicer):
-    """A cache over a dict; ``delay`` seconds added to every Lookup and Store."""
+    """A cache over a dict; ``delay`` seconds added to every Lookup and Store. It keeps no fill
+    locks (Lookup ignores ``claim``), like a cache service from before single-flight."""
 
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
@@ -231,6 +232,16 @@ class FakeCache(cache_pb2_grpc.CacheServicer):
         self.entries[request.key] = request.entry
         self.ttls[request.key] = request.ttl_seconds
         return cache_pb2.StoreResponse(stored=True, ttl_seconds=request.ttl_seconds)
+
+    async def ReleaseFill(
+        self, request: cache_pb2.ReleaseFillRequest, context: _Context
+    ) -> cache_pb2.ReleaseFillResponse:
+        return cache_pb2.ReleaseFillResponse(released=False)
+
+    async def ExtendFill(
+        self, request: cache_pb2.ExtendFillRequest, context: _Context
+    ) -> cache_pb2.ExtendFillResponse:
+        return cache_pb2.ExtendFillResponse(owned=False)
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: _Context

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -142,22 +143,35 @@ class ServiceProcess:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port."""
+    """A throwaway redis-server on a free loopback port (no persistence, ``maxmemory`` with LRU
+    eviction), restartable on the same port; tests and benchmarks (bench/) share it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, maxmemory: str = "64mb") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
+        self.maxmemory = maxmemory
         self._tmp = tempfile.TemporaryDirectory(prefix="llmmesh-redis-")
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether Debian's redis-server is installed."""
+        return shutil.which("redis-server") is not None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start it (again, on the same port) and return once it answers PING."""
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -166,16 +180,16 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", self._tmp.name,
-                "--maxmemory", "64mb",
+                "--maxmemory", self.maxmemory,
                 "--maxmemory-policy", "allkeys-lru",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        import socket
-
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
@@ -183,12 +197,17 @@ class RedisServer:
                         return self
             except OSError:
                 time.sleep(0.02)
-        raise TimeoutError("redis-server did not start")
+        self.stop()
+        raise TimeoutError(f"redis-server did not answer PING within {timeout_s} s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
     def close(self) -> None:
         self.stop()

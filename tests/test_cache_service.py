@@ -29,6 +29,7 @@ RPC_TIMEOUT = 5.0
 # Small bounds so that the tests can cross them; a loaded machine still answers well within.
 POLICY_ARGS = ["--default-ttl", "10m", "--max-ttl", "2h", "--max-value-bytes", "2048"]
 POLICY_ARGS += ["--redis-timeout", "250ms", "--metrics-port", "0"]
+POLICY_ARGS += ["--fill-lock-ttl", "4s", "--fill-lock-max-ttl", "10s", "--fill-max-wait", "20s"]
 UNAVAILABLE_EVENT = "cache store unavailable"
 RECOVERED_EVENT = "cache store recovered"
 
@@ -161,7 +162,7 @@ class TestCacheRpcs:
         assert after.errors == before.errors
         assert after.entries == before.entries + 1
         assert after.hit_ratio == pytest.approx(after.hits / (after.hits + after.misses))
-        assert after.coalesced == 0
+        assert after.coalesced == before.coalesced
         assert after.store == ("redis" if "redis" in service.args else "memory")
         await invalidate(cache, key=key)
         assert (await stats(cache)).entries == before.entries
@@ -273,6 +274,183 @@ class TestCacheRpcs:
         )
         no_model = await rpc_error(store(cache, key_for("p"), entry("v", model="")))
         assert (no_model.details() or "").startswith("entry.model:")
+
+
+async def claim(
+    cache: cache_pb2_grpc.CacheAsyncStub,
+    key: str,
+    *,
+    wait_ms: int = 0,
+    lock_ttl_ms: int = 0,
+    timeout: float = RPC_TIMEOUT,
+) -> cache_pb2.LookupResponse:
+    request = cache_pb2.LookupRequest(key=key, claim=True, wait_ms=wait_ms, lock_ttl_ms=lock_ttl_ms)
+    return await cache.Lookup(request, timeout=timeout)
+
+
+async def release(cache: cache_pb2_grpc.CacheAsyncStub, key: str, token: str) -> bool:
+    request = cache_pb2.ReleaseFillRequest(key=key, fill_token=token)
+    return (await cache.ReleaseFill(request, timeout=RPC_TIMEOUT)).released
+
+
+async def waiting(service: ServiceProcess, count: int = 1) -> None:
+    """Return once ``count`` lookups wait for a fill in the service."""
+
+    async def there() -> bool:
+        return await metric(service, "llmmesh_cache_fill_waiters") >= count
+
+    await assert_eventually(there, timeout=5, message=f"{count} lookup(s) never started waiting")
+
+
+class TestSingleFlightRpcs:
+    """Lookup with claim, Store with a fill token, ReleaseFill and ExtendFill, on both stores."""
+
+    async def test_first_claim_owns_the_fill_and_its_store_answers_the_waiter(
+        self, cache: cache_pb2_grpc.CacheAsyncStub, service: ServiceProcess
+    ) -> None:
+        """The first miss gets a token with the default expiry; an identical lookup waits and gets
+        the owner's entry, flagged coalesced and counted in Stats and the metric."""
+        key = key_for(unique("p"))
+        before = await stats(cache)
+        coalesced_before = await metric(service, "llmmesh_cache_coalesced_total")
+        owner = await claim(cache, key)
+        assert (owner.hit, owner.lock_ttl_ms, owner.fill_held) == (False, 4000, False)
+        assert owner.fill_token
+        assert not owner.coalesced
+        waiter = asyncio.create_task(claim(cache, key, wait_ms=10_000))
+        await waiting(service)
+        assert not waiter.done()
+        request = cache_pb2.StoreRequest(key=key, entry=entry("one"), fill_token=owner.fill_token)
+        assert (await cache.Store(request, timeout=RPC_TIMEOUT)).stored
+        answer = await asyncio.wait_for(waiter, RPC_TIMEOUT)
+        assert (answer.hit, answer.coalesced, answer.fill_token) == (True, True, "")
+        assert answer.entry == entry("one")
+        after = await stats(cache)
+        assert after.coalesced - before.coalesced == 1
+        assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+        coalesced_after = await metric(service, "llmmesh_cache_coalesced_total")
+        assert coalesced_after - coalesced_before == 1
+        # The lock went with the store: a later claim is a plain hit.
+        later = await claim(cache, key)
+        assert (later.hit, later.coalesced, later.fill_token) == (True, False, "")
+
+    async def test_a_lookup_that_does_not_wait_gets_neither(
+        self, cache: cache_pb2_grpc.CacheAsyncStub
+    ) -> None:
+        key = key_for(unique("p"))
+        assert (await claim(cache, key)).fill_token
+        other = await claim(cache, key)
+        assert (other.hit, other.fill_token, other.fill_held) == (False, "", True)
+        started = time.monotonic()
+        timed_out = await claim(cache, key, wait_ms=150)
+        assert time.monotonic() - started >= 0.14
+        assert (timed_out.hit, timed_out.fill_token, timed_out.fill_held) == (False, "", True)
+        assert not timed_out.coalesced
+        # A plain lookup neither claims nor says anything about the lock.
+        plain = await lookup(cache, key)
+        assert (plain.hit, plain.fill_token, plain.fill_held) == (False, "", False)
+
+    async def test_a_wait_ends_within_the_calls_deadline(
+        self, cache: cache_pb2_grpc.CacheAsyncStub
+    ) -> None:
+        """wait_ms beyond the caller's deadline is cut to it: the answer is a miss, not
+        DEADLINE_EXCEEDED."""
+        key = key_for(unique("p"))
+        assert (await claim(cache, key)).fill_token
+        response = await claim(cache, key, wait_ms=15_000, timeout=0.5)
+        assert (response.hit, response.fill_token, response.fill_held) == (False, "", True)
+
+    async def test_an_owner_that_dies_loses_the_lock_to_a_waiter(
+        self, cache: cache_pb2_grpc.CacheAsyncStub
+    ) -> None:
+        """Nobody stores or releases: after lock_ttl_ms the waiter takes the lock over."""
+        key = key_for(unique("p"))
+        dead = await claim(cache, key, lock_ttl_ms=300)
+        assert dead.lock_ttl_ms == 300
+        started = time.monotonic()
+        heir = await claim(cache, key, wait_ms=10_000)
+        assert time.monotonic() - started >= 0.2
+        assert heir.fill_token not in ("", dead.fill_token)
+        assert not heir.hit
+        assert await release(cache, key, dead.fill_token) is False
+        assert await release(cache, key, heir.fill_token) is True
+
+    async def test_release_hands_the_fill_to_a_waiter_at_once(
+        self, cache: cache_pb2_grpc.CacheAsyncStub, service: ServiceProcess
+    ) -> None:
+        key = key_for(unique("p"))
+        owner = await claim(cache, key, lock_ttl_ms=10_000)
+        waiter = asyncio.create_task(claim(cache, key, wait_ms=10_000))
+        await waiting(service)
+        assert await release(cache, key, owner.fill_token) is True
+        heir = await asyncio.wait_for(waiter, 2)
+        assert heir.fill_token not in ("", owner.fill_token)
+        assert await release(cache, key, owner.fill_token) is False
+
+    async def test_a_refused_store_releases_the_lock(
+        self, cache: cache_pb2_grpc.CacheAsyncStub, service: ServiceProcess
+    ) -> None:
+        """An entry too large to keep still ends the fill: waiters take over at once."""
+        key = key_for(unique("p"))
+        owner = await claim(cache, key, lock_ttl_ms=10_000)
+        waiter = asyncio.create_task(claim(cache, key, wait_ms=10_000))
+        await waiting(service)
+        request = cache_pb2.StoreRequest(
+            key=key, entry=entry("x" * 4096), fill_token=owner.fill_token
+        )
+        assert not (await cache.Store(request, timeout=RPC_TIMEOUT)).stored
+        heir = await asyncio.wait_for(waiter, 2)
+        assert heir.fill_token not in ("", owner.fill_token)
+
+    async def test_extend_renews_only_for_the_owner_and_is_capped(
+        self, cache: cache_pb2_grpc.CacheAsyncStub
+    ) -> None:
+        key = key_for(unique("p"))
+        owner = await claim(cache, key, lock_ttl_ms=300)
+        extend = cache_pb2.ExtendFillRequest(key=key, fill_token=owner.fill_token)
+        extend.lock_ttl_ms = 3_600_000
+        renewed = await cache.ExtendFill(extend, timeout=RPC_TIMEOUT)
+        assert (renewed.owned, renewed.lock_ttl_ms) == (True, 10_000)
+        await asyncio.sleep(0.5)
+        assert (await claim(cache, key)).fill_token == ""
+        extend.fill_token = "f" * 32
+        assert (await cache.ExtendFill(extend, timeout=RPC_TIMEOUT)).owned is False
+        assert await release(cache, key, owner.fill_token) is True
+        extend.fill_token = owner.fill_token
+        stale = await cache.ExtendFill(extend, timeout=RPC_TIMEOUT)
+        assert (stale.owned, stale.lock_ttl_ms) == (False, 0)
+
+    @pytest.mark.parametrize(
+        ("call", "field"),
+        [
+            ("wait_without_claim", "wait_ms"),
+            ("release_without_token", "fill_token"),
+            ("extend_with_a_bad_key", "key"),
+            ("store_with_a_huge_token", "fill_token"),
+        ],
+    )
+    async def test_bad_requests_are_invalid_argument(
+        self, cache: cache_pb2_grpc.CacheAsyncStub, call: str, field: str
+    ) -> None:
+        key = key_for(unique("p"))
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "wait_without_claim": lambda: cache.Lookup(
+                cache_pb2.LookupRequest(key=key, wait_ms=100), timeout=RPC_TIMEOUT
+            ),
+            "release_without_token": lambda: cache.ReleaseFill(
+                cache_pb2.ReleaseFillRequest(key=key), timeout=RPC_TIMEOUT
+            ),
+            "extend_with_a_bad_key": lambda: cache.ExtendFill(
+                cache_pb2.ExtendFillRequest(key="nope", fill_token="t"), timeout=RPC_TIMEOUT
+            ),
+            "store_with_a_huge_token": lambda: cache.Store(
+                cache_pb2.StoreRequest(key=key, entry=entry("a"), fill_token="t" * 65),
+                timeout=RPC_TIMEOUT,
+            ),
+        }
+        error = await rpc_error(calls[call]())
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (error.details() or "").startswith(f"{field}:")
 
 
 async def health_status(channel: grpc.aio.Channel) -> int:
@@ -398,6 +576,14 @@ class TestConfig:
         assert config.redis_timeout == timedelta(milliseconds=100)
         assert (config.default_ttl_s, config.max_ttl_s) == (3600, 86400)
         assert config.max_value_bytes == 1024 * 1024
+        assert (config.fill_lock_ttl, config.fill_lock_max_ttl) == (
+            timedelta(seconds=5),
+            timedelta(seconds=30),
+        )
+        assert config.fill_max_wait == timedelta(seconds=60)
+        assert config.fill_poll_interval == timedelta(milliseconds=5)
+        # A lock asks for its expiry, or gets the default, and never more than the maximum.
+        assert [config.fill_lock_ttl_ms(ms) for ms in (0, 200, 90_000)] == [5000, 200, 30_000]
 
     def test_flags_win_over_environment(self) -> None:
         """A flag beats its environment variable, which beats the default."""
@@ -418,6 +604,10 @@ class TestConfig:
             ({"redis_url": "http://:s3cret@h/"}, "redis_url"),
             ({"redis_timeout": timedelta(0)}, "redis_timeout"),
             ({"store": "memory", "memory_max_bytes": 1000}, "memory_max_bytes"),
+            ({"fill_lock_ttl": timedelta(0)}, "fill_lock_ttl"),
+            ({"fill_lock_max_ttl": timedelta(seconds=1)}, "fill_lock_max_ttl"),
+            ({"fill_max_wait": timedelta(hours=2)}, "fill_max_wait"),
+            ({"fill_poll_interval": timedelta(0)}, "fill_poll_interval"),
         ],
     )
     def test_rejects_unusable_values(self, settings: dict[str, object], field: str) -> None:

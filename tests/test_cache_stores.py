@@ -16,6 +16,7 @@ from cache_service.stores import (
     MemoryStore,
     RedisStore,
     StoreUnavailable,
+    fill_lock_key,
     mask_url,
     model_index,
     tenant_index,
@@ -56,6 +57,8 @@ class StoreCase:
     store: CacheStore
     #: Returns once ``key``, stored with a TTL of 1 s, has expired.
     expire: Callable[[str], Awaitable[None]]
+    #: Returns once ``seconds`` have passed for the store's expiry of fill locks.
+    lapse: Callable[[float], Awaitable[None]]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -68,6 +71,9 @@ async def case(request: pytest.FixtureRequest) -> AsyncIterator[StoreCase]:
         async def expire(key: str) -> None:
             clock.advance(1.0)
 
+        async def lapse(seconds: float) -> None:
+            clock.advance(seconds)
+
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisStore(server.url, timeout=OP_TIMEOUT)
@@ -78,8 +84,11 @@ async def case(request: pytest.FixtureRequest) -> AsyncIterator[StoreCase]:
 
             await assert_eventually(gone, timeout=5, message=f"{key} did not expire")
 
+        async def lapse(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
     try:
-        yield StoreCase(store, expire)
+        yield StoreCase(store, expire, lapse)
     finally:
         await store.close()
 
@@ -194,6 +203,133 @@ class TestStoreContract:
         await case.store.ping()
 
 
+#: Short enough to wait out on a real Redis, long enough not to lapse between two operations.
+LOCK_TTL_MS = 300
+
+
+class TestFillLockContract:
+    """Both stores keep fill locks (single-flight across routers) the same way."""
+
+    async def test_a_miss_claims_and_a_second_claim_is_refused(self, case: StoreCase) -> None:
+        """The first miss gets a token; while it holds the lock, others get neither."""
+        key = key_for("claimed")
+        first = await case.store.get_or_claim(key, lock_ttl_ms=5000)
+        assert first.value is None
+        assert first.token
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (None, None)
+        # The lock is not an entry.
+        assert await case.store.get(key) is None
+        assert (await case.store.size()).entries == 0
+
+    async def test_a_hit_answers_the_entry_and_takes_no_lock(self, case: StoreCase) -> None:
+        key = key_for("stored")
+        await put(case.store, key, b"answer", tenant="t", model="m1")
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (b"answer", None)
+        await case.store.delete(key)
+        assert (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+
+    async def test_storing_with_the_token_releases_the_lock(self, case: StoreCase) -> None:
+        """The owner's store writes the entry and frees the lock: the next claim finds the
+        entry, and once the entry is gone, a new claim succeeds."""
+        key = key_for("filled")
+        token = (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+        assert token is not None
+        stored = await case.store.set(
+            key, b"filled", ttl_s=300, tenant="t", model="m1", fill_token=token
+        )
+        assert stored is True
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (b"filled", None)
+        await case.store.delete(key)
+        assert (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token not in (None, token)
+
+    async def test_a_waiter_sees_the_stored_entry(self, case: StoreCase) -> None:
+        """await_fill waits while the owner generates and returns once it stores."""
+        key = key_for("awaited")
+        token = (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+        waiter = asyncio.create_task(case.store.await_fill(key, timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await case.store.set(key, b"fresh", ttl_s=300, tenant="t", model="m1", fill_token=token)
+        await asyncio.wait_for(waiter, timeout=2)
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (b"fresh", None)
+
+    async def test_a_release_wakes_a_waiter_who_takes_over(self, case: StoreCase) -> None:
+        key = key_for("released")
+        token = (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+        assert token is not None
+        waiter = asyncio.create_task(case.store.await_fill(key, timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        assert await case.store.release_fill(key, token) is True
+        await asyncio.wait_for(waiter, timeout=2)
+        assert (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token not in (None, token)
+
+    async def test_expiry_lets_a_waiter_take_over(self, case: StoreCase) -> None:
+        """An owner that never stores loses the lock after its TTL; a waiter wakes and claims,
+        and the dead owner's token then does nothing."""
+        key = key_for("abandoned")
+        dead = (await case.store.get_or_claim(key, lock_ttl_ms=LOCK_TTL_MS)).token
+        assert dead is not None
+        waiter = asyncio.create_task(case.store.await_fill(key, timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await case.lapse(2 * LOCK_TTL_MS / 1000)
+        await asyncio.wait_for(waiter, timeout=2)
+        heir = (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+        assert heir not in (None, dead)
+        assert await case.store.release_fill(key, dead) is False
+        assert await case.store.extend_fill(key, dead, lock_ttl_ms=5000) is False
+        # A late store by the dead owner keeps its entry but leaves the heir's lock alone.
+        assert (
+            await case.store.set(key, b"late", ttl_s=300, tenant="t", model="m1", fill_token=dead)
+            is False
+        )
+        assert await case.store.get(key) == b"late"
+        assert await case.store.release_fill(key, heir) is True
+
+    async def test_a_wrong_token_can_neither_release_nor_extend(self, case: StoreCase) -> None:
+        key = key_for("guarded")
+        token = (await case.store.get_or_claim(key, lock_ttl_ms=5000)).token
+        assert token is not None
+        assert await case.store.release_fill(key, "0" * 32) is False
+        assert await case.store.extend_fill(key, "0" * 32, lock_ttl_ms=5000) is False
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (None, None)
+        assert await case.store.release_fill(key, token) is True
+        assert await case.store.release_fill(key, token) is False
+
+    async def test_extending_keeps_the_lock_past_its_first_ttl(self, case: StoreCase) -> None:
+        key = key_for("extended")
+        token = (await case.store.get_or_claim(key, lock_ttl_ms=LOCK_TTL_MS)).token
+        assert token is not None
+        assert await case.store.extend_fill(key, token, lock_ttl_ms=10_000) is True
+        await case.lapse(2 * LOCK_TTL_MS / 1000)
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (None, None)
+        assert await case.store.extend_fill(key, token, lock_ttl_ms=5000) is True
+
+    async def test_waiting_ends_at_its_timeout_while_the_lock_is_held(
+        self, case: StoreCase
+    ) -> None:
+        key = key_for("slow owner")
+        await case.store.get_or_claim(key, lock_ttl_ms=10_000)
+        started = time.monotonic()
+        await asyncio.wait_for(case.store.await_fill(key, timeout_s=0.1), timeout=2)
+        assert time.monotonic() - started >= 0.09
+        assert await case.store.get_or_claim(key, lock_ttl_ms=5000) == (None, None)
+
+    async def test_waiting_returns_at_once_when_no_lock_is_held(self, case: StoreCase) -> None:
+        await asyncio.wait_for(case.store.await_fill(key_for("free"), timeout_s=10), timeout=1)
+
+    async def test_a_store_without_the_token_ends_the_wait(self, case: StoreCase) -> None:
+        """An entry written by someone else (a router that took no lock) also ends the wait."""
+        key = key_for("filled elsewhere")
+        await case.store.get_or_claim(key, lock_ttl_ms=10_000)
+        waiter = asyncio.create_task(case.store.await_fill(key, timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await put(case.store, key, b"elsewhere", tenant="t", model="m1")
+        await asyncio.wait_for(waiter, timeout=2)
+
+
 class TestMemoryStore:
     """The in-process store is bounded and evicts the least recently used entries."""
 
@@ -292,6 +428,30 @@ class TestRedisStore:
             for index in (model_index("m1"), tenant_index("t1")):
                 assert await raw_redis.zcard(index) == 2
                 assert await raw_redis.ttl(index) >= 100
+        finally:
+            await store.close()
+
+    async def test_fill_locks_are_keys_with_a_px_expiry_and_survive_a_script_flush(
+        self, redis_server: RedisServer, raw_redis: redis.asyncio.Redis
+    ) -> None:
+        """The lock is llmmesh:lock:<key> holding the token, with the TTL asked for; the scripts
+        are loaded again when Redis forgot them (a restart, SCRIPT FLUSH), in a transaction too."""
+        store = RedisStore(redis_server.url, timeout=OP_TIMEOUT)
+        try:
+            key = key_for("p")
+            lock = fill_lock_key(key)
+            token = (await store.get_or_claim(key, lock_ttl_ms=5000)).token
+            assert token is not None
+            assert lock == f"llmmesh:lock:{key}"
+            assert await raw_redis.get(lock) == token.encode()
+            assert 4000 < await raw_redis.pttl(lock) <= 5000
+            await raw_redis.script_flush()
+            assert await store.extend_fill(key, token, lock_ttl_ms=8000) is True
+            assert 7000 < await raw_redis.pttl(lock) <= 8000
+            await raw_redis.script_flush()
+            assert await store.set(key, b"v", ttl_s=60, tenant="t", model="m1", fill_token=token)
+            assert await raw_redis.exists(lock) == 0
+            assert (await store.size()).entries == 1
         finally:
             await store.close()
 

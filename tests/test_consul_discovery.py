@@ -489,9 +489,9 @@ async def consul_router(agent: ConsulAgent) -> AsyncIterator[router_pb2_grpc.Rou
         await runner.shutdown(grace=timedelta(0))
 
 
-def generate(model: str = DEFAULT_MODEL) -> generate_pb2.GenerateRequest:
+def generate(model: str = DEFAULT_MODEL, prompt: str = "hi") -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(
-        model=model, prompt="hi", sampling=generate_pb2.SamplingParams(temperature=0.0)
+        model=model, prompt=prompt, sampling=generate_pb2.SamplingParams(temperature=0.0)
     )
 
 
@@ -555,8 +555,10 @@ class TestRouterWithConsul:
                     return [w.worker_id for w in (await table(stub)).workers] == ["b"]
 
                 await assert_eventually(only_b, timeout=2)
-                for _ in range(3):
-                    assert (await stub.Generate(generate(), timeout=5)).summary.worker_id == "b"
+                # Other prompts: an identical one would join the request in flight on a.
+                for i in range(3):
+                    answer = await stub.Generate(generate(prompt=f"new {i}"), timeout=5)
+                    assert answer.summary.worker_id == "b"
                 a.gate.set()
                 assert (await in_flight).summary.worker_id == "a"
 

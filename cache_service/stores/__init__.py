@@ -7,16 +7,24 @@ Both raise :class:`StoreUnavailable` (an :class:`llmmesh.errors.Unavailable`) wh
 serve.
 """
 
-from cache_service.stores._base import CacheStore, StoreSize, StoreUnavailable
+from cache_service.stores._base import CacheStore, Claim, StoreSize, StoreUnavailable
 from cache_service.stores._memory import MemoryStore
-from cache_service.stores._redis import RedisStore, mask_url, model_index, tenant_index
+from cache_service.stores._redis import (
+    RedisStore,
+    fill_lock_key,
+    mask_url,
+    model_index,
+    tenant_index,
+)
 
 __all__ = [
     "CacheStore",
+    "Claim",
     "MemoryStore",
     "RedisStore",
     "StoreSize",
     "StoreUnavailable",
+    "fill_lock_key",
     "mask_url",
     "model_index",
     "tenant_index",

@@ -12,6 +12,15 @@ implementations share the contract (tests/test_cache_stores.py runs one suite ov
 A key is assumed to belong to one (tenant, model) pair, which :func:`llmmesh.cache_key.cache_key`
 guarantees (both are hashed into it).
 
+Each key also has a **fill lock** for single-flight across routers: :meth:`CacheStore.get_or_claim`
+answers the entry when there is one and otherwise takes the lock (a random owner token, an expiry
+in milliseconds) when nobody holds it, in one atomic step, so that an entry stored between a miss
+and a claim is never missed. The owner stores with its token (:meth:`CacheStore.set` releases the
+lock in the same step as it writes the entry), gives the lock up (:meth:`CacheStore.release_fill`)
+or renews it (:meth:`CacheStore.extend_fill`); only the current owner's token does anything. Other
+callers wait with :meth:`CacheStore.await_fill` until the entry exists or the lock is gone
+(stored, released or expired), then ask again.
+
 Any failure of the backing store (unreachable, timed out, an error reply) surfaces as
 :class:`StoreUnavailable`, never as the client library's own exception.
 """
@@ -42,6 +51,15 @@ class StoreSize(NamedTuple):
     bytes: int
 
 
+class Claim(NamedTuple):
+    """What :meth:`CacheStore.get_or_claim` found: at most one of the two is set."""
+
+    #: The entry, when there is one.
+    value: bytes | None
+    #: The owner token of the fill lock just taken; None on a hit or when another caller holds it.
+    token: str | None
+
+
 class CacheStore(Protocol):
     """Where the cache service keeps entries."""
 
@@ -52,8 +70,40 @@ class CacheStore(Protocol):
         """The value under ``key``, or None when there is none or it has expired."""
         ...
 
-    async def set(self, key: str, value: bytes, *, ttl_s: int, tenant: str, model: str) -> None:
-        """Store ``value`` under ``key`` for ``ttl_s`` seconds, indexed by tenant and model."""
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl_s: int,
+        tenant: str,
+        model: str,
+        fill_token: str | None = None,
+    ) -> bool:
+        """Store ``value`` under ``key`` for ``ttl_s`` seconds, indexed by tenant and model.
+
+        With ``fill_token``, the key's fill lock is released in the same atomic step when that
+        token owns it. Returns whether a lock was released (always False without a token).
+        """
+        ...
+
+    async def get_or_claim(self, key: str, *, lock_ttl_ms: int) -> Claim:
+        """The value under ``key``; on a miss, take the key's fill lock for ``lock_ttl_ms`` when
+        nobody holds it. Atomic: an entry and a lock are never both missed or both answered."""
+        ...
+
+    async def release_fill(self, key: str, token: str) -> bool:
+        """Release the fill lock of ``key`` if ``token`` owns it; returns whether it did."""
+        ...
+
+    async def extend_fill(self, key: str, token: str, *, lock_ttl_ms: int) -> bool:
+        """Make the fill lock of ``key`` expire ``lock_ttl_ms`` from now if ``token`` owns it;
+        returns whether it does."""
+        ...
+
+    async def await_fill(self, key: str, *, timeout_s: float) -> None:
+        """Return once ``key`` has an entry or its fill lock is gone (stored, released, expired),
+        or after ``timeout_s``, whichever comes first. Never raises on the timeout."""
         ...
 
     async def delete(self, key: str) -> int:

@@ -9,20 +9,27 @@ without Redis:
   least recently used entries (read or written) are evicted to make room, and a value that could
   never fit is not kept;
 - entries are indexed by model and by tenant for invalidation, and leave both indexes however they
-  go (deleted, expired, evicted, replaced).
+  go (deleted, expired, evicted, replaced);
+- fill locks (see :mod:`cache_service.stores._base`) live beside the entries, outside the LRU and
+  its byte budget (there is at most one per request in flight); an expired lock is dropped when it
+  is next looked at. A waiter wakes at once when a lock is released or stored with, and notices an
+  expiry or an entry stored without the token within ``poll_interval_s``.
 
-Everything runs on the event loop without awaiting, so no lock is needed. The clock is injectable
-so that tests expire entries without waiting.
+Everything but the waiting runs on the event loop without awaiting, so no lock is needed. The
+clock is injectable so that tests expire entries and fill locks without waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cache_service.stores._base import StoreSize
+from cache_service.stores._base import Claim, StoreSize
 
 MiB = 1024 * 1024
 
@@ -36,6 +43,14 @@ class _Item:
     cost: int
 
 
+@dataclass(slots=True)
+class _FillLock:
+    token: str
+    expires_at: float
+    #: Set when the lock is released (directly or by a store with its token) or found expired.
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class MemoryStore:
     """A bounded in-process LRU with TTL. See the module docstring for the semantics."""
 
@@ -47,6 +62,7 @@ class MemoryStore:
         max_entries: int = 100_000,
         max_bytes: int = 256 * MiB,
         clock: Callable[[], float] = time.monotonic,
+        poll_interval_s: float = 0.005,
     ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries: {max_entries} is below 1")
@@ -60,6 +76,8 @@ class MemoryStore:
         self._by_model: dict[str, set[str]] = {}
         self._by_tenant: dict[str, set[str]] = {}
         self._bytes = 0
+        self._locks: dict[str, _FillLock] = {}
+        self._poll_interval_s = poll_interval_s
 
     async def get(self, key: str) -> bytes | None:
         item = self._items.get(key)
@@ -71,20 +89,64 @@ class MemoryStore:
         self._items.move_to_end(key)
         return item.value
 
-    async def set(self, key: str, value: bytes, *, ttl_s: int, tenant: str, model: str) -> None:
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl_s: int,
+        tenant: str,
+        model: str,
+        fill_token: str | None = None,
+    ) -> bool:
         if ttl_s < 1:
             raise ValueError(f"ttl_s: {ttl_s} is below 1")
         if key in self._items:
             self._remove(key)
+        released = fill_token is not None and self._release(key, fill_token)
         cost = len(key.encode()) + len(value)
         if cost > self.max_bytes:
-            return
+            return released
         self._items[key] = _Item(value, self._clock() + ttl_s, tenant, model, cost)
         self._bytes += cost
         self._by_model.setdefault(model, set()).add(key)
         self._by_tenant.setdefault(tenant, set()).add(key)
         while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
             self._remove(next(iter(self._items)))
+        return released
+
+    async def get_or_claim(self, key: str, *, lock_ttl_ms: int) -> Claim:
+        value = await self.get(key)
+        if value is not None:
+            return Claim(value, None)
+        if self._live_lock(key) is not None:
+            return Claim(None, None)
+        token = secrets.token_hex(16)
+        self._locks[key] = _FillLock(token, self._clock() + lock_ttl_ms / 1000.0)
+        return Claim(None, token)
+
+    async def release_fill(self, key: str, token: str) -> bool:
+        return self._release(key, token)
+
+    async def extend_fill(self, key: str, token: str, *, lock_ttl_ms: int) -> bool:
+        lock = self._live_lock(key)
+        if lock is None or lock.token != token:
+            return False
+        lock.expires_at = self._clock() + lock_ttl_ms / 1000.0
+        return True
+
+    async def await_fill(self, key: str, *, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            lock = self._live_lock(key)
+            if lock is None or self._has_live_entry(key):
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lock.gone.wait(), min(left, self._poll_interval_s))
 
     async def delete(self, key: str) -> int:
         return self._remove_counting_live([key])
@@ -106,10 +168,34 @@ class MemoryStore:
         return None
 
     async def close(self) -> None:
+        for lock in self._locks.values():
+            lock.gone.set()
+        self._locks.clear()
         self._items.clear()
         self._by_model.clear()
         self._by_tenant.clear()
         self._bytes = 0
+
+    def _has_live_entry(self, key: str) -> bool:
+        item = self._items.get(key)
+        return item is not None and item.expires_at > self._clock()
+
+    def _live_lock(self, key: str) -> _FillLock | None:
+        """The fill lock of ``key`` unless there is none or it has expired (then dropped)."""
+        lock = self._locks.get(key)
+        if lock is not None and lock.expires_at <= self._clock():
+            del self._locks[key]
+            lock.gone.set()
+            return None
+        return lock
+
+    def _release(self, key: str, token: str) -> bool:
+        lock = self._live_lock(key)
+        if lock is None or lock.token != token:
+            return False
+        del self._locks[key]
+        lock.gone.set()
+        return True
 
     def _remove_counting_live(self, keys: list[str]) -> int:
         now = self._clock()

@@ -5,6 +5,7 @@ Layout in Redis::
     llmmesh:v1:<sha256>              STRING  the serialized CacheEntry, SET ... EX <ttl>
     llmmesh:idx:model:<model>        ZSET    members ["<key>", "<tenant>"], score = expiry (unix s)
     llmmesh:idx:tenant:<tenant>      ZSET    members ["<key>", "<model>"],  score = expiry (unix s)
+    llmmesh:lock:<key>               STRING  the fill lock: its owner's random token, SET NX PX
 
 An entry and its two index memberships are written in one MULTI/EXEC transaction. Each index's own
 TTL is raised to at least the entry's (``EXPIRE NX`` then ``EXPIRE GT``, Redis >= 7), so an index
@@ -23,6 +24,16 @@ on a fresh connection, which is how a restarted Redis is reconnected to transpar
 bound. All redis and socket errors are translated into :class:`StoreUnavailable` in one place,
 :meth:`RedisStore._translating_errors`.
 
+Fill locks (see :mod:`cache_service.stores._base`) are taken by a Lua script that answers the
+entry when there is one and otherwise runs ``SET lock token NX PX ttl``, so that a lookup and a
+claim are one step; released and renewed by compare-and-delete and compare-and-``PEXPIRE`` scripts
+(redis-py's ``register_script``: EVALSHA, loading the script when Redis does not know it); and a
+store with the owner's token runs the compare-and-delete inside the entry's MULTI/EXEC. Waiters poll
+``EXISTS`` on the lock and the entry every ``poll_interval_s`` (one round trip each), which keeps
+Redis free of per-waiter state; with single-flight in each router there is at most one waiter per
+key and router. The two keys of a script are not in one hash slot, so this layout needs a single
+Redis (or a proxy that routes scripts), not Redis Cluster.
+
 If Redis evicts keys under ``maxmemory``, an evicted index makes invalidation miss entries until
 they expire; give Redis the memory the TTLs need, or prefer a ``volatile-*`` eviction policy.
 """
@@ -32,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -42,7 +54,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from cache_service.stores._base import StoreSize, StoreUnavailable
+from cache_service.stores._base import Claim, StoreSize, StoreUnavailable
 
 #: Glob of entry keys (llmmesh/cache_key.py: ``llmmesh:v<N>:<hex>``); index keys do not match it.
 ENTRY_KEY_PATTERN = "llmmesh:v[0-9]*"
@@ -52,6 +64,25 @@ TENANT_INDEX_PREFIX = "llmmesh:idx:tenant:"
 INDEX_SLACK_S = 60
 #: Keys deleted per transaction when invalidating by model or tenant.
 DELETE_BATCH = 500
+FILL_LOCK_PREFIX = "llmmesh:lock:"
+
+#: KEYS: entry, lock; ARGV: token, ttl ms. {1, value} on a hit, {2} when claimed, {0} when held.
+_GET_OR_CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+"""
+#: KEYS: lock; ARGV: token. 1 when released, else 0.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: KEYS: lock; ARGV: token, ttl ms. 1 when renewed, else 0.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 
 def model_index(model: str) -> str:
@@ -85,6 +116,11 @@ def mask_url(url: str) -> str:
     return masked
 
 
+def fill_lock_key(key: str) -> str:
+    """The Redis key of the fill lock of the entry under ``key``."""
+    return FILL_LOCK_PREFIX + key
+
+
 def _member(key: str, other: str) -> str:
     return json.dumps([key, other], separators=(",", ":"), ensure_ascii=False)
 
@@ -113,12 +149,14 @@ class RedisStore:
         max_connections: int = 64,
         health_check_interval: float = 15.0,
         clock: Callable[[], float] = time.time,
+        poll_interval_s: float = 0.005,
     ) -> None:
         """Configure the client; nothing connects until the first operation.
 
         ``timeout`` bounds every single-key operation and each socket connect and read (seconds);
         ``bulk_timeout`` bounds invalidation by model or tenant and ``size``. ``clock`` gives the
-        unix time used to score index members.
+        unix time used to score index members. ``poll_interval_s`` is how often a waiter for a fill
+        lock asks whether it is gone.
         """
         self.url = mask_url(url)
         self.timeout = timeout
@@ -135,6 +173,10 @@ class RedisStore:
             client_name="llmmesh-cache",
         )
         self._redis = Redis.from_pool(pool)
+        self._poll_interval_s = poll_interval_s
+        self._get_or_claim = self._redis.register_script(_GET_OR_CLAIM)
+        self._release = self._redis.register_script(_RELEASE)
+        self._extend = self._redis.register_script(_EXTEND)
 
     @contextlib.asynccontextmanager
     async def _translating_errors(self, op: str, timeout: float) -> AsyncIterator[None]:
@@ -155,7 +197,16 @@ class RedisStore:
         async with self._translating_errors("get", self.timeout):
             return cast(bytes | None, await self._redis.get(key))
 
-    async def set(self, key: str, value: bytes, *, ttl_s: int, tenant: str, model: str) -> None:
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl_s: int,
+        tenant: str,
+        model: str,
+        fill_token: str | None = None,
+    ) -> bool:
         if ttl_s < 1:
             raise ValueError(f"ttl_s: {ttl_s} is below 1")
         now = self._clock()
@@ -170,7 +221,51 @@ class RedisStore:
                 pipe.zremrangebyscore(index, "-inf", now - INDEX_SLACK_S)
                 pipe.expire(index, index_ttl, nx=True)
                 pipe.expire(index, index_ttl, gt=True)
-            await pipe.execute()
+            if fill_token is not None:
+                await self._release(keys=[fill_lock_key(key)], args=[fill_token], client=pipe)
+            results: list[Any] = await pipe.execute()
+        return fill_token is not None and int(results[-1]) == 1
+
+    async def get_or_claim(self, key: str, *, lock_ttl_ms: int) -> Claim:
+        token = secrets.token_hex(16)
+        async with self._translating_errors("get_or_claim", self.timeout):
+            reply = cast(
+                list[Any],
+                await self._get_or_claim(keys=[key, fill_lock_key(key)], args=[token, lock_ttl_ms]),
+            )
+        if reply[0] == 1:
+            return Claim(cast(bytes, reply[1]), None)
+        return Claim(None, token if reply[0] == 2 else None)
+
+    async def release_fill(self, key: str, token: str) -> bool:
+        async with self._translating_errors("release_fill", self.timeout):
+            released = await self._release(keys=[fill_lock_key(key)], args=[token])
+        return int(released) == 1
+
+    async def extend_fill(self, key: str, token: str, *, lock_ttl_ms: int) -> bool:
+        async with self._translating_errors("extend_fill", self.timeout):
+            extended = await self._extend(keys=[fill_lock_key(key)], args=[token, lock_ttl_ms])
+        return int(extended) == 1
+
+    async def await_fill(self, key: str, *, timeout_s: float) -> None:
+        """Poll the lock and the entry; each poll is bounded by the operation timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        lock = fill_lock_key(key)
+        while True:
+            async with (
+                self._translating_errors("await_fill", self.timeout),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                pipe.exists(lock)
+                pipe.exists(key)
+                held, stored = await pipe.execute()
+            if not held or stored:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, self._poll_interval_s))
 
     async def delete(self, key: str) -> int:
         async with self._translating_errors("delete", self.timeout):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import generate_pb2 as llmmesh_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/cache.proto\x12\nllmmesh.v1\x1a\x19llmmesh/v1/generate.proto\"\xcd\x01\n\nCacheEntry\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x15\n\rcreated_at_ms\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"\x1c\n\rLookupRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"D\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12%\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x16.llmmesh.v1.CacheEntry\"W\n\x0cStoreRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x16.llmmesh.v1.CacheEntry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"4\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"?\n\x11InvalidateRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x92\x01\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\thit_ratio\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x11\n\tcoalesced\x18\x07 \x01(\x04\x12\r\n\x05store\x18\x08 \x01(\t2\x91\x02\n\x05\x43\x61\x63he\x12?\n\x06Lookup\x12\x19.llmmesh.v1.LookupRequest\x1a\x1a.llmmesh.v1.LookupResponse\x12<\n\x05Store\x12\x18.llmmesh.v1.StoreRequest\x1a\x19.llmmesh.v1.StoreResponse\x12K\n\nInvalidate\x12\x1d.llmmesh.v1.InvalidateRequest\x1a\x1e.llmmesh.v1.InvalidateResponse\x12<\n\x05Stats\x12\x18.llmmesh.v1.StatsRequest\x1a\x19.llmmesh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/cache.proto\x12\nllmmesh.v1\x1a\x19llmmesh/v1/generate.proto\"\xcd\x01\n\nCacheEntry\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x15\n\rcreated_at_ms\x18\x04 \x01(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"Q\n\rLookupRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63laim\x18\x02 \x01(\x08\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x13\n\x0block_ttl_ms\x18\x04 \x01(\r\"\x93\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12%\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x16.llmmesh.v1.CacheEntry\x12\x12\n\nfill_token\x18\x03 \x01(\t\x12\x11\n\tcoalesced\x18\x04 \x01(\x08\x12\x13\n\x0block_ttl_ms\x18\x05 \x01(\r\x12\x11\n\tfill_held\x18\x06 \x01(\x08\"k\n\x0cStoreRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x16.llmmesh.v1.CacheEntry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x12\n\nfill_token\x18\x04 \x01(\t\"4\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"5\n\x12ReleaseFillRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nfill_token\x18\x02 \x01(\t\"\'\n\x13ReleaseFillResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"I\n\x11\x45xtendFillRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nfill_token\x18\x02 \x01(\t\x12\x13\n\x0block_ttl_ms\x18\x03 \x01(\r\"8\n\x12\x45xtendFillResponse\x12\r\n\x05owned\x18\x01 \x01(\x08\x12\x13\n\x0block_ttl_ms\x18\x02 \x01(\r\"?\n\x11InvalidateRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x92\x01\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\thit_ratio\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x11\n\tcoalesced\x18\x07 \x01(\x04\x12\r\n\x05store\x18\x08 \x01(\t2\xae\x03\n\x05\x43\x61\x63he\x12?\n\x06Lookup\x12\x19.llmmesh.v1.LookupRequest\x1a\x1a.llmmesh.v1.LookupResponse\x12<\n\x05Store\x12\x18.llmmesh.v1.StoreRequest\x1a\x19.llmmesh.v1.StoreResponse\x12N\n\x0bReleaseFill\x12\x1e.llmmesh.v1.ReleaseFillRequest\x1a\x1f.llmmesh.v1.ReleaseFillResponse\x12K\n\nExtendFill\x12\x1d.llmmesh.v1.ExtendFillRequest\x1a\x1e.llmmesh.v1.ExtendFillResponse\x12K\n\nInvalidate\x12\x1d.llmmesh.v1.InvalidateRequest\x1a\x1e.llmmesh.v1.InvalidateResponse\x12<\n\x05Stats\x12\x18.llmmesh.v1.StatsRequest\x1a\x19.llmmesh.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHEENTRY']._serialized_start=66
   _globals['_CACHEENTRY']._serialized_end=271
   _globals['_LOOKUPREQUEST']._serialized_start=273
-  _globals['_LOOKUPREQUEST']._serialized_end=301
-  _globals['_LOOKUPRESPONSE']._serialized_start=303
-  _globals['_LOOKUPRESPONSE']._serialized_end=371
-  _globals['_STOREREQUEST']._serialized_start=373
-  _globals['_STOREREQUEST']._serialized_end=460
-  _globals['_STORERESPONSE']._serialized_start=462
-  _globals['_STORERESPONSE']._serialized_end=514
-  _globals['_INVALIDATEREQUEST']._serialized_start=516
-  _globals['_INVALIDATEREQUEST']._serialized_end=579
-  _globals['_INVALIDATERESPONSE']._serialized_start=581
-  _globals['_INVALIDATERESPONSE']._serialized_end=618
-  _globals['_STATSREQUEST']._serialized_start=620
-  _globals['_STATSREQUEST']._serialized_end=634
-  _globals['_STATSRESPONSE']._serialized_start=637
-  _globals['_STATSRESPONSE']._serialized_end=783
-  _globals['_CACHE']._serialized_start=786
-  _globals['_CACHE']._serialized_end=1059
+  _globals['_LOOKUPREQUEST']._serialized_end=354
+  _globals['_LOOKUPRESPONSE']._serialized_start=357
+  _globals['_LOOKUPRESPONSE']._serialized_end=504
+  _globals['_STOREREQUEST']._serialized_start=506
+  _globals['_STOREREQUEST']._serialized_end=613
+  _globals['_STORERESPONSE']._serialized_start=615
+  _globals['_STORERESPONSE']._serialized_end=667
+  _globals['_RELEASEFILLREQUEST']._serialized_start=669
+  _globals['_RELEASEFILLREQUEST']._serialized_end=722
+  _globals['_RELEASEFILLRESPONSE']._serialized_start=724
+  _globals['_RELEASEFILLRESPONSE']._serialized_end=763
+  _globals['_EXTENDFILLREQUEST']._serialized_start=765
+  _globals['_EXTENDFILLREQUEST']._serialized_end=838
+  _globals['_EXTENDFILLRESPONSE']._serialized_start=840
+  _globals['_EXTENDFILLRESPONSE']._serialized_end=896
+  _globals['_INVALIDATEREQUEST']._serialized_start=898
+  _globals['_INVALIDATEREQUEST']._serialized_end=961
+  _globals['_INVALIDATERESPONSE']._serialized_start=963
+  _globals['_INVALIDATERESPONSE']._serialized_end=1000
+  _globals['_STATSREQUEST']._serialized_start=1002
+  _globals['_STATSREQUEST']._serialized_end=1016
+  _globals['_STATSRESPONSE']._serialized_start=1019
+  _globals['_STATSRESPONSE']._serialized_end=1165
+  _globals['_CACHE']._serialized_start=1168
+  _globals['_CACHE']._serialized_end=1598
 # @@protoc_insertion_point(module_scope)

@@ -76,16 +76,35 @@ class LookupRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_MS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The cache key (llmmesh/cache_key.py)."""
+    claim: _builtins.bool
+    """On a miss, take the key's fill lock when nobody holds it (fill_token is then set and the
+    caller must Store with it or ReleaseFill).
+    """
+    wait_ms: _builtins.int
+    """With claim: when another caller holds the fill lock, wait up to this long (milliseconds) for
+    its entry or for the lock to go, then try to claim again. Capped by the service's maximum and
+    the call's deadline; 0 does not wait. Needs claim.
+    """
+    lock_ttl_ms: _builtins.int
+    """With claim: how long a lock taken now lasts without ExtendFill, in milliseconds; 0 means the
+    service's default. Capped at the service's maximum.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
+        claim: _builtins.bool = ...,
+        wait_ms: _builtins.int = ...,
+        lock_ttl_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "key", b"key", "lock_ttl_ms", b"lock_ttl_ms", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,8 +118,24 @@ class LookupResponse(_message.Message):
 
     HIT_FIELD_NUMBER: _builtins.int
     ENTRY_FIELD_NUMBER: _builtins.int
+    FILL_TOKEN_FIELD_NUMBER: _builtins.int
+    COALESCED_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_MS_FIELD_NUMBER: _builtins.int
+    FILL_HELD_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     """True when an entry was found."""
+    fill_token: _builtins.str
+    """Set when the caller now owns the key's fill lock: it must Store with this token or
+    ReleaseFill. Empty on a hit, and on a miss when another caller still holds the lock.
+    """
+    coalesced: _builtins.bool
+    """True when the entry came after waiting for another caller's fill."""
+    lock_ttl_ms: _builtins.int
+    """The lock's expiry applied when fill_token is set, in milliseconds (renew well before it)."""
+    fill_held: _builtins.bool
+    """With claim, on a miss without fill_token: another caller holds the fill lock (it is
+    generating this entry now). A caller that did not wait may look up again with wait_ms.
+    """
     @_builtins.property
     def entry(self) -> Global___CacheEntry:
         """The entry, when hit is true."""
@@ -110,10 +145,14 @@ class LookupResponse(_message.Message):
         *,
         hit: _builtins.bool = ...,
         entry: Global___CacheEntry | None = ...,
+        fill_token: _builtins.str = ...,
+        coalesced: _builtins.bool = ...,
+        lock_ttl_ms: _builtins.int = ...,
+        fill_held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "hit", b"hit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced", b"coalesced", "entry", b"entry", "fill_held", b"fill_held", "fill_token", b"fill_token", "hit", b"hit", "lock_ttl_ms", b"lock_ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,10 +167,16 @@ class StoreRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     ENTRY_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    FILL_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The cache key (llmmesh/cache_key.py)."""
     ttl_seconds: _builtins.int
     """Time to live in seconds; 0 means the service's default. Capped at the service's maximum."""
+    fill_token: _builtins.str
+    """The token of the key's fill lock (LookupResponse.fill_token): the lock is released in the same
+    step as the entry is written, and also when the entry is refused. A token that no longer owns
+    the lock (it expired and another caller took it) is ignored; the entry is stored either way.
+    """
     @_builtins.property
     def entry(self) -> Global___CacheEntry:
         """The entry; its tenant and model are indexed for Invalidate."""
@@ -142,10 +187,11 @@ class StoreRequest(_message.Message):
         key: _builtins.str = ...,
         entry: Global___CacheEntry | None = ...,
         ttl_seconds: _builtins.int = ...,
+        fill_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "key", b"key", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "fill_token", b"fill_token", "key", b"key", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,6 +222,112 @@ class StoreResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreResponse: _TypeAlias = StoreResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseFillRequest(_message.Message):
+    """Gives up a fill lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FILL_TOKEN_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The cache key (llmmesh/cache_key.py)."""
+    fill_token: _builtins.str
+    """The owner's token (LookupResponse.fill_token)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        fill_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fill_token", b"fill_token", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseFillRequest: _TypeAlias = ReleaseFillRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseFillResponse(_message.Message):
+    """The result of a release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """False when the token did not own the lock (it had expired, or another caller holds it)."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseFillResponse: _TypeAlias = ReleaseFillResponse  # noqa: Y015
+
+@_typing.final
+class ExtendFillRequest(_message.Message):
+    """Renews a fill lock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FILL_TOKEN_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_MS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The cache key (llmmesh/cache_key.py)."""
+    fill_token: _builtins.str
+    """The owner's token (LookupResponse.fill_token)."""
+    lock_ttl_ms: _builtins.int
+    """The lock's new expiry from now, in milliseconds; 0 means the service's default. Capped at the
+    service's maximum.
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        fill_token: _builtins.str = ...,
+        lock_ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fill_token", b"fill_token", "key", b"key", "lock_ttl_ms", b"lock_ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendFillRequest: _TypeAlias = ExtendFillRequest  # noqa: Y015
+
+@_typing.final
+class ExtendFillResponse(_message.Message):
+    """The result of a renewal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNED_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_MS_FIELD_NUMBER: _builtins.int
+    owned: _builtins.bool
+    """False when the token no longer owns the lock (it expired, or was released): stop renewing."""
+    lock_ttl_ms: _builtins.int
+    """The expiry applied, in milliseconds (0 when not owned)."""
+    def __init__(
+        self,
+        *,
+        owned: _builtins.bool = ...,
+        lock_ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lock_ttl_ms", b"lock_ttl_ms", "owned", b"owned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendFillResponse: _TypeAlias = ExtendFillResponse  # noqa: Y015
 
 @_typing.final
 class InvalidateRequest(_message.Message):
@@ -273,7 +425,7 @@ class StatsResponse(_message.Message):
     errors: _builtins.int
     """Store operations that failed (store unreachable, timed out)."""
     coalesced: _builtins.int
-    """Requests that joined an identical request already in flight instead of dispatching."""
+    """Lookups answered with an entry after waiting for another caller's fill (they did not dispatch)."""
     store: _builtins.str
     """The backing store: "redis" or "memory"."""
     def __init__(

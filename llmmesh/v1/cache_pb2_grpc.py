@@ -29,6 +29,11 @@ class CacheStub:
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     def __init__(self, channel):
@@ -47,6 +52,16 @@ class CacheStub:
                 request_serializer=llmmesh_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_cache__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.ReleaseFill = channel.unary_unary(
+                '/llmmesh.v1.Cache/ReleaseFill',
+                request_serializer=llmmesh_dot_v1_dot_cache__pb2.ReleaseFillRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_cache__pb2.ReleaseFillResponse.FromString,
+                _registered_method=True)
+        self.ExtendFill = channel.unary_unary(
+                '/llmmesh.v1.Cache/ExtendFill',
+                request_serializer=llmmesh_dot_v1_dot_cache__pb2.ExtendFillRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_cache__pb2.ExtendFillResponse.FromString,
+                _registered_method=True)
         self.Invalidate = channel.unary_unary(
                 '/llmmesh.v1.Cache/Invalidate',
                 request_serializer=llmmesh_dot_v1_dot_cache__pb2.InvalidateRequest.SerializeToString,
@@ -63,17 +78,36 @@ class CacheServicer:
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     def Lookup(self, request, context):
-        """Looks an entry up by key.
+        """Looks an entry up by key; with claim set, takes the fill lock on a miss or waits for its owner.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Store(self, request, context):
-        """Stores an entry under a key, with a time to live.
+        """Stores an entry under a key, with a time to live; with a fill token, releases the fill lock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseFill(self, request, context):
+        """Gives up a fill lock without storing (the owner failed): a waiter takes over at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendFill(self, request, context):
+        """Renews a fill lock's expiry while its owner is still generating.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +140,16 @@ def add_CacheServicer_to_server(servicer, server):
                     request_deserializer=llmmesh_dot_v1_dot_cache__pb2.StoreRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_cache__pb2.StoreResponse.SerializeToString,
             ),
+            'ReleaseFill': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseFill,
+                    request_deserializer=llmmesh_dot_v1_dot_cache__pb2.ReleaseFillRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_cache__pb2.ReleaseFillResponse.SerializeToString,
+            ),
+            'ExtendFill': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendFill,
+                    request_deserializer=llmmesh_dot_v1_dot_cache__pb2.ExtendFillRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_cache__pb2.ExtendFillResponse.SerializeToString,
+            ),
             'Invalidate': grpc.unary_unary_rpc_method_handler(
                     servicer.Invalidate,
                     request_deserializer=llmmesh_dot_v1_dot_cache__pb2.InvalidateRequest.FromString,
@@ -128,6 +172,11 @@ class Cache:
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     @staticmethod
@@ -174,6 +223,60 @@ class Cache:
             '/llmmesh.v1.Cache/Store',
             llmmesh_dot_v1_dot_cache__pb2.StoreRequest.SerializeToString,
             llmmesh_dot_v1_dot_cache__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseFill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Cache/ReleaseFill',
+            llmmesh_dot_v1_dot_cache__pb2.ReleaseFillRequest.SerializeToString,
+            llmmesh_dot_v1_dot_cache__pb2.ReleaseFillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendFill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Cache/ExtendFill',
+            llmmesh_dot_v1_dot_cache__pb2.ExtendFillRequest.SerializeToString,
+            llmmesh_dot_v1_dot_cache__pb2.ExtendFillResponse.FromString,
             options,
             channel_credentials,
             insecure,

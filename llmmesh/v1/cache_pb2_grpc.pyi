@@ -30,6 +30,11 @@ class CacheStub:
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     @_typing.overload
@@ -37,9 +42,13 @@ class CacheStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CacheAsyncStub: ...
     Lookup: _grpc.UnaryUnaryMultiCallable[_cache_pb2.LookupRequest, _cache_pb2.LookupResponse]
-    """Looks an entry up by key."""
+    """Looks an entry up by key; with claim set, takes the fill lock on a miss or waits for its owner."""
     Store: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]
-    """Stores an entry under a key, with a time to live."""
+    """Stores an entry under a key, with a time to live; with a fill token, releases the fill lock."""
+    ReleaseFill: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ReleaseFillRequest, _cache_pb2.ReleaseFillResponse]
+    """Gives up a fill lock without storing (the owner failed): a waiter takes over at once."""
+    ExtendFill: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ExtendFillRequest, _cache_pb2.ExtendFillResponse]
+    """Renews a fill lock's expiry while its owner is still generating."""
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]
     """Removes entries by key, by model or by tenant."""
     Stats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]
@@ -50,13 +59,22 @@ class CacheAsyncStub(CacheStub):
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_cache_pb2.LookupRequest, _cache_pb2.LookupResponse]  # type: ignore[assignment]
-    """Looks an entry up by key."""
+    """Looks an entry up by key; with claim set, takes the fill lock on a miss or waits for its owner."""
     Store: _aio.UnaryUnaryMultiCallable[_cache_pb2.StoreRequest, _cache_pb2.StoreResponse]  # type: ignore[assignment]
-    """Stores an entry under a key, with a time to live."""
+    """Stores an entry under a key, with a time to live; with a fill token, releases the fill lock."""
+    ReleaseFill: _aio.UnaryUnaryMultiCallable[_cache_pb2.ReleaseFillRequest, _cache_pb2.ReleaseFillResponse]  # type: ignore[assignment]
+    """Gives up a fill lock without storing (the owner failed): a waiter takes over at once."""
+    ExtendFill: _aio.UnaryUnaryMultiCallable[_cache_pb2.ExtendFillRequest, _cache_pb2.ExtendFillResponse]  # type: ignore[assignment]
+    """Renews a fill lock's expiry while its owner is still generating."""
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_pb2.InvalidateRequest, _cache_pb2.InvalidateResponse]  # type: ignore[assignment]
     """Removes entries by key, by model or by tenant."""
     Stats: _aio.UnaryUnaryMultiCallable[_cache_pb2.StatsRequest, _cache_pb2.StatsResponse]  # type: ignore[assignment]
@@ -66,6 +84,11 @@ class CacheServicer(metaclass=_abc_1.ABCMeta):
     """The cache service stores finished deterministic answers under keys the router computes from the
     canonical request (see llmmesh/cache_key.py). It is consulted before every dispatch; when it or
     its store is down it answers UNAVAILABLE quickly and the router goes on without it.
+
+    Single-flight across routers: a Lookup with claim set that misses takes the key's fill lock
+    (an owner token with an expiry) when nobody holds it, and the caller dispatches; identical
+    lookups meanwhile wait for the owner's Store (which releases the lock) and get its entry. An
+    owner that fails calls ReleaseFill; one that dies lets the lock expire, and a waiter takes over.
     """
 
     @_abc_1.abstractmethod
@@ -74,7 +97,7 @@ class CacheServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.LookupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.LookupResponse, _abc.Awaitable[_cache_pb2.LookupResponse]]:
-        """Looks an entry up by key."""
+        """Looks an entry up by key; with claim set, takes the fill lock on a miss or waits for its owner."""
 
     @_abc_1.abstractmethod
     def Store(
@@ -82,7 +105,23 @@ class CacheServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_pb2.StoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.StoreResponse, _abc.Awaitable[_cache_pb2.StoreResponse]]:
-        """Stores an entry under a key, with a time to live."""
+        """Stores an entry under a key, with a time to live; with a fill token, releases the fill lock."""
+
+    @_abc_1.abstractmethod
+    def ReleaseFill(
+        self,
+        request: _cache_pb2.ReleaseFillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.ReleaseFillResponse, _abc.Awaitable[_cache_pb2.ReleaseFillResponse]]:
+        """Gives up a fill lock without storing (the owner failed): a waiter takes over at once."""
+
+    @_abc_1.abstractmethod
+    def ExtendFill(
+        self,
+        request: _cache_pb2.ExtendFillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.ExtendFillResponse, _abc.Awaitable[_cache_pb2.ExtendFillResponse]]:
+        """Renews a fill lock's expiry while its owner is still generating."""
 
     @_abc_1.abstractmethod
     def Invalidate(
