@@ -233,6 +233,30 @@ class TestCache:
         assert stats.hits >= 2
         assert stats.entries >= 1
 
+    async def test_one_tenant_never_reads_another_tenants_answer(
+        self,
+        router: router_pb2_grpc.RouterAsyncStub,
+        cache: cache_pb2_grpc.CacheAsyncStub,
+    ) -> None:
+        """Tenant b's identical request misses tenant a's cached answer (and stores its own);
+        invalidating tenant a leaves b's entry alone."""
+        req = request(f"Our secret plan {time.time_ns()}", max_tokens=8, temperature=0.0)
+        as_a = (("x-llmmesh-tenant", "tenant-a"),)
+        as_b = (("x-llmmesh-tenant", "tenant-b"),)
+        await router.Generate(req, metadata=as_a, timeout=10)
+
+        async def cached_for(metadata: tuple[tuple[str, str], ...]) -> bool:
+            answer = await router.Generate(req, metadata=metadata, timeout=10)
+            return bool(answer.summary.cached)
+
+        await assert_eventually(lambda: cached_for(as_a), timeout=5, message="a never cached")
+        assert not await cached_for(as_b)
+        await assert_eventually(lambda: cached_for(as_b), timeout=5, message="b never cached")
+        removed = await cache.Invalidate(cache_pb2.InvalidateRequest(tenant="tenant-a"), timeout=5)
+        assert removed.removed == 1
+        assert not await cached_for(as_a)
+        assert await cached_for(as_b)
+
     async def test_sampled_request_is_never_cached(
         self,
         router: router_pb2_grpc.RouterAsyncStub,
