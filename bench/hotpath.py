@@ -41,8 +41,13 @@ one of them generated: the sim's natural answers are longer) through the bare pr
 router (``CACHE_POLICY_BYPASS``) and straight to the worker, by ``h2load`` with a request count
 (one round of ``concurrency`` streams to warm up and size the run, then enough rounds for about
 ``--duration``); tokens are the worker's ``llmmesh_worker_generated_tokens_total`` over the run's
-wall time. The worker sends one message per read of its engine's output (tokens that piled up
-in between are coalesced), so this measures how fast text can be relayed.
+wall time. The worker runs with ``--stream-interval`` (default 16: the first token alone, then
+messages of 16 tokens). Without it (``--stream-interval 1``) the worker sends one message per
+read of its engine's output, coalescing what piled up in between, so how many messages a stream
+takes depends on how busy its reader happens to be: at this sim speed (tokens every 7 us, far
+faster than any real decode step) the count swung from 34 to 81 per 256-token stream between
+runs of the same path, and tokens/s measured that chaos rather than the relay. With a fixed
+interval both paths relay the same messages, and tokens/s compares their cost per message.
 
 **Cross-check**: a closed-loop ``grpc.aio`` client in this process at concurrency 1 on each path,
 plus ``router_miss_unique``: unique greedy prompts through the router with the default cache
@@ -141,6 +146,7 @@ class Options:
     warmup_s: float = 0.5
     unary_tokens: int = 4
     stream_tokens: int = 256
+    stream_interval: int = 16
     store: Literal["auto", "redis", "memory"] = "auto"
     log_level: str = "info"
     python_check: bool = True
@@ -265,6 +271,7 @@ class Mesh:
                 "--sim-min-answer-tokens", str(ANSWER_TOKENS),
                 "--sim-max-answer-tokens", str(ANSWER_TOKENS),
                 "--max-tokens-limit", str(ANSWER_TOKENS),
+                "--stream-interval", str(options.stream_interval),
                 *level,
             ],
         )  # fmt: skip
@@ -949,7 +956,8 @@ def report(run: Run) -> str:
     info = machine_info()
     lines = [
         f"llm-mesh hot path on loopback: sim worker x{SIM_SPEED_FACTOR:g} speed, "
-        f"{o.unary_tokens}-token unary answers, {o.stream_tokens}-token streams; cache service on "
+        f"{o.unary_tokens}-token unary answers, {o.stream_tokens}-token streams in messages of "
+        f"{o.stream_interval} tokens; cache service on "
         f"{run.store}; services log at {o.log_level}; h2load closed loop, {o.duration_s:g} s per "
         f"run after {o.warmup_s:g} s warm-up",
         f"machine: {info['usable_cpus']} CPUs, {info['processor']}, "
@@ -1066,6 +1074,7 @@ def results(run: Run, argv: Sequence[str]) -> dict[str, Any]:
             "warmup_s": o.warmup_s,
             "unary_max_tokens": o.unary_tokens,
             "stream_max_tokens": o.stream_tokens,
+            "worker_stream_interval": o.stream_interval,
             "prompt": PROMPT,
             "sampling": "greedy (temperature 0)",
             "cache_store": run.store,
@@ -1190,6 +1199,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="tokens per streamed answer (default 256; --quick 128)",
     )
     parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=16,
+        help="the worker's --stream-interval: tokens per streamed message after the first "
+        "(default 16)",
+    )
+    parser.add_argument(
         "--store",
         choices=("auto", "redis", "memory"),
         default="auto",
@@ -1227,11 +1243,14 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--warm-up: must be >= 0")
     if not 1 <= tokens <= ANSWER_TOKENS:
         parser.error(f"--stream-tokens: must be 1 to {ANSWER_TOKENS}")
+    if args.stream_interval < 1:
+        parser.error("--stream-interval: must be >= 1")
     return Options(
         concurrencies=levels,
         duration_s=duration,
         warmup_s=warmup,
         stream_tokens=tokens,
+        stream_interval=args.stream_interval,
         store=args.store,
         log_level=args.log_level,
         python_check=not args.no_python_check,

@@ -181,6 +181,22 @@ class TestGenerate:
         assert final.finish_reason == summary.finish_reason
         assert final.usage == summary.usage
 
+    async def test_stream_interval_groups_outputs_after_the_first(self) -> None:
+        """--stream-interval 4: the first token alone (time to first token is not delayed),
+        then messages of 4 tokens, the rest at the end; the same text as one token a message."""
+        request = generate_request(max_tokens=14)
+        slow_steps = {**FAST, "sim_token_delay": timedelta(milliseconds=10)}
+        async with serve(stream_interval=4, **slow_steps) as w:
+            grouped = [c async for c in w.stub.GenerateStream(request, timeout=10)]
+        async with serve(**slow_steps) as w:
+            single = [c async for c in w.stub.GenerateStream(request, timeout=10)]
+        texts = [c.text for c in grouped if c.text]
+        # 14 tokens: 1, then 4 + 4 + 4, then the last 1 flushed with the completion.
+        assert len(texts) == 5
+        assert "".join(texts) == "".join(c.text for c in single)
+        assert len([c for c in single if c.text]) == 14
+        assert grouped[-1].summary.usage.completion_tokens == 14
+
     async def test_request_id_assigned_when_empty(self) -> None:
         async with serve() as w:
             first = await w.stub.Generate(generate_request(), timeout=10)
@@ -577,6 +593,8 @@ class TestConfig:
             load_config(["--capacity", "0"], environ={})
         with pytest.raises(ValueError, match="default_max_tokens"):
             WorkerConfig(default_max_tokens=10, max_tokens_limit=5)
+        with pytest.raises(ValueError, match="stream_interval"):
+            WorkerConfig(stream_interval=0)
 
 
 # -- whole processes ---------------------------------------------------------------------------

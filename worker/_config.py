@@ -57,6 +57,14 @@ class WorkerConfig(ServerSettings, ConsulSettings):
         default=256,
         metadata={"help": "requests that may wait beyond capacity before RESOURCE_EXHAUSTED"},
     )
+    stream_interval: int = field(
+        default=1,
+        metadata={
+            "help": "engine outputs (tokens) per streamed message after the first, which is "
+            "always sent at once: 1 sends each as it is produced; more sends fewer, larger "
+            "messages, for less CPU per token in the worker, the router and the client"
+        },
+    )
     load_report_interval: timedelta = field(
         default=timedelta(milliseconds=200),
         metadata={"help": "WatchLoad report interval when the caller asks for none"},
@@ -228,6 +236,8 @@ class WorkerConfig(ServerSettings, ConsulSettings):
                 f"default_max_tokens: must be in 1..max_tokens_limit={self.max_tokens_limit} "
                 f"(got {self.default_max_tokens})"
             )
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1 (got {self.stream_interval})")
         if self.load_report_interval <= timedelta(0):
             raise ValueError("load_report_interval: must be positive")
         if not (math.isfinite(self.sim_speed_factor) and self.sim_speed_factor > 0):

@@ -329,18 +329,29 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
     ) -> generate_pb2.GenerationSummary:
         first_text_at: float | None = None
         completion: Completion | None = None
+        interval = self.config.stream_interval
+        # Outputs after the first, held until there are ``stream_interval`` of them.
+        held: list[str] = []
         self._in_flight += 1
         try:
             with self._engine_errors():
                 async with contextlib.aclosing(self.engine.generate(engine_request)) as stream:
                     async for item in stream:
-                        if isinstance(item, TextDelta):
-                            if first_text_at is None:
-                                first_text_at = time.monotonic()
-                                metrics.TIME_TO_FIRST_TOKEN.observe(first_text_at - received)
+                        if not isinstance(item, TextDelta):
+                            completion = item
+                        elif first_text_at is None:
+                            first_text_at = time.monotonic()
+                            metrics.TIME_TO_FIRST_TOKEN.observe(first_text_at - received)
+                            await emit(item.text)
+                        elif interval == 1:
                             await emit(item.text)
                         else:
-                            completion = item
+                            held.append(item.text)
+                            if len(held) >= interval:
+                                await emit("".join(held))
+                                held.clear()
+                if held:
+                    await emit("".join(held))
         except BaseException as exc:
             if completion is None:
                 await self._abort(engine_request, self._abort_reason(exc, engine_request))
