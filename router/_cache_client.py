@@ -136,7 +136,7 @@ class CacheClient:
         self,
         address: str,
         *,
-        timeout: timedelta = timedelta(milliseconds=50),
+        timeout: timedelta = timedelta(milliseconds=100),
         store_timeout: timedelta = timedelta(seconds=1),
         max_message_bytes: int = 4 * MiB,
         max_pending_stores: int = 1024,
@@ -429,7 +429,7 @@ class FillLease:
 def open_cache(
     address: str,
     *,
-    timeout: timedelta = timedelta(milliseconds=50),
+    timeout: timedelta = timedelta(milliseconds=100),
     max_message_bytes: int = 4 * MiB,
     breaker: BreakerSettings | None = None,
 ) -> ResponseCache:

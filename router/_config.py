@@ -58,7 +58,7 @@ class RouterConfig(ServerSettings, ConsulSettings):
         metadata={"help": "host:port of the cache service; empty disables caching"},
     )
     cache_timeout: timedelta = field(
-        default=timedelta(milliseconds=50),
+        default=timedelta(milliseconds=100),
         metadata={"help": "longest a cache lookup may take before it counts as a miss"},
     )
     cache_breaker_failures: int = field(

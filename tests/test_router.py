@@ -806,7 +806,7 @@ class TestConfig:
         assert (config.port, config.metrics_port) == (50051, 9401)
         assert config.workers == ("127.0.0.1:50061",)
         assert config.cache_address == "127.0.0.1:50071"
-        assert config.cache_timeout == timedelta(milliseconds=50)
+        assert config.cache_timeout == timedelta(milliseconds=100)
         assert config.policy == "least-loaded"
         assert config.discovery == "static"
         assert config.limits.max_tokens_limit == 4096
