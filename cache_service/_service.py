@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from cache_service import _metrics as metrics
 from cache_service._config import CacheConfig
 from cache_service.stores import CacheStore, MemoryStore, RedisStore, StoreUnavailable
-from llmmesh import logs
+from llmmesh import logs, tracing
 from llmmesh.breaker import BreakerSettings, CircuitBreaker, CircuitOpen, Ticket
 from llmmesh.cache_key import DEFAULT_TENANT
 from llmmesh.errors import InvalidArgument, Unavailable, grpc_errors
@@ -59,6 +59,8 @@ MAX_NAME_CHARS = 256
 KEY_SHAPE = re.compile(r"llmmesh:v[0-9]+:[!-~]+")
 #: Metadata a caller may send to have its request id on the cache service's log lines.
 REQUEST_ID_METADATA_KEY = "x-llmmesh-request-id"
+#: Span name prefix of the RPCs (llmmesh/tracing.py).
+_CACHE_SPAN = "llmmesh.v1.Cache/"
 #: How often the background probe pings the store.
 PROBE_INTERVAL_S = 2.0
 #: Longest fill token accepted (the stores issue 32 hex digits).
@@ -486,10 +488,12 @@ class CacheApp:
 
 
 async def _serve(context: Context, rpc: str, handler: Callable[[], Awaitable[T]]) -> T:
-    """Run one RPC's handler with its log context bound and its errors turned into a status."""
+    """Run one RPC's handler with its log context bound, its errors turned into a status, and
+    it counted, timed and traced (a server span continuing the caller's trace)."""
     with _bound(context, rpc):
         async with grpc_errors(context):
-            return await handler()
+            with metrics.rpc(rpc, context), tracing.server_span(_CACHE_SPAN + rpc, context):
+                return await handler()
 
 
 def _check_key(field: str, key: str) -> str:

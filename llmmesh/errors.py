@@ -152,6 +152,15 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
     return error
 
 
+def cancelled_status(context: grpc.aio.ServicerContext[Any, Any] | None) -> grpc.StatusCode:
+    """The status of an RPC whose handler was cancelled: gRPC cancels it both when the caller
+    goes away (CANCELLED) and when the caller's deadline passes (DEADLINE_EXCEEDED)."""
+    remaining: float | None = context.time_remaining() if context is not None else None
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
     """End the current RPC with the status of ``error``."""
     await context.abort(error.code, error.message, error.trailers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmmesh import logs, settings
+from llmmesh import logs, settings, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -70,12 +71,34 @@ class ServerSettings:
         default="",
         metadata={"help": "write {pid, port, metrics_port} as JSON here once serving"},
     )
+    otlp_endpoint: str = field(
+        default="",
+        metadata={
+            "help": "OpenTelemetry collector to send traces to over OTLP/gRPC, "
+            "http://host:port or https://host:port (empty: OTEL_EXPORTER_OTLP_ENDPOINT, "
+            "else tracing off)"
+        },
+    )
+    trace_sample_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "fraction of new traces recorded when tracing is on (a caller's sampling "
+            "decision is followed)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes: {self.max_message_bytes} is below 1024")
+        if self.otlp_endpoint and not re.fullmatch(r"https?://[^/\s]+/?", self.otlp_endpoint):
+            raise ValueError(
+                f"otlp_endpoint: {self.otlp_endpoint!r} is not http://host:port or "
+                "https://host:port"
+            )
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio: {self.trace_sample_ratio} is not in [0, 1]")
 
 
 class ServiceApp(Protocol):
@@ -271,6 +294,7 @@ def run_service(app: ServiceApp, server_settings: ServerSettings, *, name: str) 
     logs.configure(name, server_settings.log_level, json=server_settings.log_format == "json")
     runner = ServiceRunner(app, server_settings, name=name)
     try:
+        tracing.configure(name, server_settings)
         asyncio.run(runner.run())
     except OSError as exc:
         log.error("cannot start", error=str(exc))
@@ -278,6 +302,8 @@ def run_service(app: ServiceApp, server_settings: ServerSettings, *, name: str) 
     except settings.ConfigError as exc:
         log.error("bad configuration", error=str(exc))
         return 2
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from llmmesh import tracing
 from llmmesh.breaker import BreakerSettings, CircuitBreaker, CircuitOpen
 from llmmesh.server import MiB, grpc_channel_options
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc
@@ -46,6 +47,8 @@ RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+#: Span name prefix of calls to the cache service (llmmesh/tracing.py).
+_CACHE_SPAN = "llmmesh.v1.Cache/"
 #: Answers that say the cache service is unwell (a failure for its circuit breaker). Any other
 #: answer, INVALID_ARGUMENT say, shows it alive.
 UNWELL_CODES = frozenset(
@@ -170,7 +173,9 @@ class CacheClient:
         try:
             response = await self._guarded(
                 "Lookup",
-                lambda: self._stub.Lookup(cache_pb2.LookupRequest(key=key), timeout=limit),
+                lambda md: self._stub.Lookup(
+                    cache_pb2.LookupRequest(key=key), timeout=limit, metadata=md
+                ),
                 cut_short=limit < self._timeout,
             )
         except CircuitOpen:
@@ -235,7 +240,7 @@ class CacheClient:
         try:
             return await self._guarded(
                 "Lookup",
-                lambda: self._stub.Lookup(request, timeout=limit),
+                lambda md: self._stub.Lookup(request, timeout=limit, metadata=md),
                 cut_short=cut_short,
                 may_trial=not wait_ms,
             )
@@ -271,7 +276,8 @@ class CacheClient:
         )
         try:
             response = await self._guarded(
-                "Store", lambda: self._stub.Store(request, timeout=self._store_timeout)
+                "Store",
+                lambda md: self._stub.Store(request, timeout=self._store_timeout, metadata=md),
             )
         except CircuitOpen:
             metrics.CACHE_STORES.labels("skipped").inc()
@@ -293,7 +299,8 @@ class CacheClient:
         timeout = min(self._store_timeout, lock_ttl / 3)
         try:
             response = await self._guarded(
-                "ExtendFill", lambda: self._stub.ExtendFill(request, timeout=timeout)
+                "ExtendFill",
+                lambda md: self._stub.ExtendFill(request, timeout=timeout, metadata=md),
             )
         except (CircuitOpen, grpc.aio.AioRpcError):
             return None
@@ -311,7 +318,10 @@ class CacheClient:
         request = cache_pb2.ReleaseFillRequest(key=key, fill_token=token)
         try:
             await self._guarded(
-                "ReleaseFill", lambda: self._stub.ReleaseFill(request, timeout=self._store_timeout)
+                "ReleaseFill",
+                lambda md: self._stub.ReleaseFill(
+                    request, timeout=self._store_timeout, metadata=md
+                ),
             )
         except (CircuitOpen, grpc.aio.AioRpcError):
             return
@@ -336,7 +346,7 @@ class CacheClient:
     async def _guarded(
         self,
         rpc: str,
-        call: Callable[[], Awaitable[R]],
+        call: Callable[[tracing.Metadata], Awaitable[R]],
         *,
         cut_short: bool = False,
         may_trial: bool = True,
@@ -348,11 +358,13 @@ class CacheClient:
         one (the caller's deadline is near), so running out of it says nothing about the cache;
         nor does a call cancelled on this side. ``may_trial=False`` for a call that may wait long
         for reasons of its own (a lookup waiting for another router's fill): it is refused while
-        the circuit is half-open rather than hold up its one trial.
+        the circuit is half-open rather than hold up its one trial. A call that is made is a
+        client span, with the trace context in ``call``'s metadata (llmmesh/tracing.py).
         """
         ticket = self.breaker.acquire(may_trial=may_trial)
         try:
-            result = await call()
+            with tracing.client_span(_CACHE_SPAN + rpc) as span:
+                result = await call(span.outgoing())
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.CANCELLED or (

@@ -1,16 +1,28 @@
-"""The router's Prometheus metrics (default registry, served by llmmesh.server)."""
+"""The router's Prometheus metrics (default registry, served by llmmesh.server).
+
+Per-worker series (``worker_id`` label, :data:`PER_WORKER`) live as long as the worker is in the
+routing table: router/_pool.py exports a worker's in-flight count and load score as gauges read
+from the table at scrape time (:func:`track_worker`) once the worker has told its id, and removes
+all of its series when it leaves (:func:`forget_worker`). Every metric is listed in README.md
+(scripts/metrics_reference.py).
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.breaker import BreakerMetrics
 from llmmesh.discovery import DiscoveryStatus
 
-# Generation takes from milliseconds (a cache hit) to minutes (a long answer).
-_LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+# The first token comes in a millisecond (a cache hit) to a minute (a long prompt behind a queue);
+# a whole answer takes up to ten minutes.
+TTFT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+DURATION_BUCKETS = (*TTFT_BUCKETS, 120.0, 300.0, 600.0)
 
 REQUESTS = Counter(
     "llmmesh_router_requests_total",
@@ -21,13 +33,13 @@ REQUEST_DURATION = Histogram(
     "llmmesh_router_request_duration_seconds",
     "Time from receipt of an RPC to its end, as seen by the router.",
     ["method"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=DURATION_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "llmmesh_router_time_to_first_token_seconds",
     "Time from receipt of a generation request to its first text, as seen by the router.",
     ["method", "cached"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=TTFT_BUCKETS,
 )
 CACHE_REQUESTS = Counter(
     "llmmesh_router_cache_requests_total",
@@ -45,7 +57,14 @@ CACHE_STORES = Counter(
 CIRCUIT = BreakerMetrics.create("router")
 WORKER_IN_FLIGHT = Gauge(
     "llmmesh_router_worker_in_flight",
-    "Requests this router has in flight on each worker.",
+    "Requests this router has in flight on each worker in the routing table.",
+    ["worker_id"],
+)
+WORKER_SCORE = Gauge(
+    "llmmesh_router_worker_score",
+    "Load score of each worker in the routing table, as least-loaded routing sees it (lower is"
+    " preferred): max(active + queued + sent_since_report, in_flight) / capacity +"
+    " kv_cache_used_fraction.",
     ["worker_id"],
 )
 WORKERS = Gauge(
@@ -105,7 +124,7 @@ QUEUE_DEPTH = Gauge(
 QUEUE_WAIT = Histogram(
     "llmmesh_router_queue_wait_seconds",
     "Time requests waited in the router's admission queue (admitted or not).",
-    buckets=_LATENCY_BUCKETS,
+    buckets=DURATION_BUCKETS,
 )
 REJECTED = Counter(
     "llmmesh_router_rejected_total",
@@ -136,6 +155,25 @@ for _via in ("router", "cache"):
     COALESCED.labels(_via)
 for _event in ("claimed", "held_elsewhere", "lost", "released"):
     CACHE_FILL_LOCKS.labels(_event)
+
+#: The series labelled by ``worker_id``: they exist while the worker is in the routing table.
+PER_WORKER = (WORKER_IN_FLIGHT, WORKER_SCORE, EJECTIONS, STALE_REPORTS)
+
+
+def track_worker(
+    worker_id: str, in_flight: Callable[[], float], score: Callable[[], float]
+) -> None:
+    """Export a worker's in-flight count and load score, read from the routing table at scrape
+    time (nothing is done per request)."""
+    WORKER_IN_FLIGHT.labels(worker_id).set_function(in_flight)
+    WORKER_SCORE.labels(worker_id).set_function(score)
+
+
+def forget_worker(worker_id: str) -> None:
+    """Remove every series of a worker that left the routing table (or changed its id)."""
+    for metric in PER_WORKER:
+        with contextlib.suppress(KeyError):
+            metric.remove(worker_id)
 
 
 class DiscoveryMetrics:

@@ -38,6 +38,10 @@ What discovery knows of a worker (Consul's service meta: model, engine, capacity
 until it answers GetInfo, whose answer is authoritative; a worker whose model the meta names is
 routed to only once GetInfo confirms it. A worker that leaves the discovery set leaves the table
 at once; the requests still on it finish on its channel, which is closed after them.
+
+Metrics cost nothing per request: the workers-by-state gauge and each worker's in-flight and load
+score gauges read the table when Prometheus scrapes (from the metrics server's thread). A worker's
+series appear once it has answered GetInfo (they are labelled by its id) and go when it leaves.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from llmmesh.discovery import Discovery, DiscoveryStatus, Endpoint, ReportsStatu
 from llmmesh.server import MiB, grpc_channel_options
 from llmmesh.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from router import _metrics as metrics
-from router._balancer import LoadReport, capacity_of
+from router._balancer import LoadReport, capacity_of, load_score
 
 log = structlog.get_logger(__name__)
 
@@ -327,6 +331,9 @@ class WorkerPool:
             if worker.stale_timer is not None:
                 worker.stale_timer.cancel()
         channels = [w.channel for w in self._workers.values()] + self._retired
+        for worker in self._workers.values():
+            if worker.worker_id:
+                metrics.forget_worker(worker.worker_id)
         self._workers.clear()
         tasks = list(self._tasks)
         for task in tasks:
@@ -384,7 +391,6 @@ class WorkerPool:
         worker.sent_since_report += 1
         if probe:
             worker.probing = True
-        metrics.WORKER_IN_FLIGHT.labels(worker.worker_id or worker.address).inc()
         return Lease(self, worker, probe=probe)
 
     @contextlib.contextmanager
@@ -398,7 +404,6 @@ class WorkerPool:
         worker.in_flight -= 1
         if lease.probe:
             worker.probing = False
-        metrics.WORKER_IN_FLIGHT.labels(worker.worker_id or worker.address).dec()
         self._changed(worker)
 
     def _succeeded(self, lease: Lease) -> None:
@@ -512,8 +517,7 @@ class WorkerPool:
         if worker.stale_timer is not None:
             worker.stale_timer.cancel()
         if worker.worker_id:
-            with contextlib.suppress(KeyError):
-                metrics.WORKER_IN_FLIGHT.remove(worker.worker_id)
+            metrics.forget_worker(worker.worker_id)
         self._spawn(self._retire(worker.channel), name=f"close {address}")
         log.info("worker removed", address=address, worker_id=worker.worker_id)
 
@@ -655,9 +659,12 @@ class WorkerPool:
                 model=info.model,
                 discovery_model=claimed,
             )
-        if worker.worker_id and worker.worker_id != info.worker_id:
-            with contextlib.suppress(KeyError):
-                metrics.WORKER_IN_FLIGHT.remove(worker.worker_id)
+        if worker.worker_id != info.worker_id:
+            if worker.worker_id:
+                metrics.forget_worker(worker.worker_id)
+            metrics.track_worker(
+                info.worker_id, lambda: worker.in_flight, lambda: load_score(worker)
+            )
         worker.info = info
         worker.lost.clear()
         self._known_models.add(info.model)
@@ -685,7 +692,8 @@ class WorkerPool:
             )
 
     def _count(self, state: WorkerState) -> int:
-        return sum(1 for w in self._workers.values() if w.state is state)
+        # Called at scrape time from the metrics server's thread: iterate over a copy.
+        return sum(1 for w in list(self._workers.values()) if w.state is state)
 
     # -- task supervision -------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from llmmesh import consul, errors, logs
+from llmmesh import consul, errors, logs, tracing
 from llmmesh.cache_key import (
     DEFAULT_TENANT,
     TENANT_METADATA_KEY,
@@ -104,6 +104,9 @@ _RETRY_BACKOFF_S = 0.02
 _MIN_RETRY_BUDGET_S = 0.05
 # A cached answer is streamed in pieces of this many characters.
 _CACHED_CHUNK_CHARS = 256
+#: Span name prefixes (llmmesh/tracing.py).
+_ROUTER_SPAN = "llmmesh.v1.Router/"
+_WORKER_SPAN = "llmmesh.v1.Worker/"
 
 
 @dataclass
@@ -173,6 +176,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         request_id = request.request_id or uuid.uuid4().hex
         with logs.bind_request(request_id=request_id[:MAX_REQUEST_ID_CHARS]):
             async with _RpcScope("Generate", context) as scope:
+                scope.span.set_request(request_id, request.model)
                 return await self._generate(request, request_id, context, scope)
 
     async def GenerateStream(
@@ -185,6 +189,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # closed later from another task, where resetting a context variable fails.
         structlog.contextvars.bind_contextvars(request_id=request_id[:MAX_REQUEST_ID_CHARS])
         async with _RpcScope("GenerateStream", context) as scope:
+            scope.span.set_request(request_id, request.model)
             call = self._prepare(request, request_id, context, scope.started)
             try:
                 found = await self._consult(call, context, scope)
@@ -198,11 +203,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     worker = lease.worker
                     scope.note(worker_id=worker.worker_id)
                     relayed = False
-                    with lease:
+                    failure: errors.MeshError | None = None
+                    with lease, _attempt_span("GenerateStream", call, worker, tried) as attempt:
                         stream = worker.stub.GenerateStream(
                             call.request,
                             timeout=self._timeout(context),
-                            metadata=self._worker_metadata,
+                            metadata=attempt.outgoing(self._worker_metadata),
                         )
                         # However the caller's RPC ends (cancelled, out of time, failed), the
                         # worker's call ends with it and the worker aborts the engine request.
@@ -218,9 +224,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             # retried.
                             if relayed:
                                 raise
-                            await self._before_retry(exc, worker, tried, call, context)
+                            attempt.set_status(*tracing.status_of(exc, upstream=True))
+                            failure = exc
                         finally:
                             stream.cancel()
+                    # Out of the lease: the failed worker's slot is free during the pause.
+                    assert failure is not None
+                    await self._before_retry(failure, worker, tried, call, context)
             except errors.MeshError as exc:
                 self._abandon(call, exc)
                 raise
@@ -278,16 +288,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
             lease = await self._acquire(call, tried, context)
             worker = lease.worker
             scope.note(worker_id=worker.worker_id)
-            with lease:
+            with lease, _attempt_span("Generate", call, worker, tried) as attempt:
                 try:
                     response = await worker.stub.Generate(
                         call.request,
                         timeout=self._timeout(context),
-                        metadata=self._worker_metadata,
+                        metadata=attempt.outgoing(self._worker_metadata),
                     )
                     lease.succeeded()
                     break
                 except grpc.aio.AioRpcError as exc:
+                    attempt.set_status(*tracing.status_of(exc))
                     error = self._worker_error(lease, exc)
             # A unary caller has seen nothing yet, so any attempt may be retried.
             await self._before_retry(error, worker, tried, call, context)
@@ -684,6 +695,8 @@ class _RpcScope:
         self._fields: dict[str, Any] = {}
         #: time.monotonic() when the RPC began.
         self.started = time.monotonic()
+        #: The RPC's server span (tracing.NO_SPAN while tracing is off, and for quiet RPCs).
+        self.span = tracing.NO_SPAN
 
     def note(self, **fields: Any) -> None:
         """Add fields to the line logged when the RPC ends."""
@@ -692,6 +705,9 @@ class _RpcScope:
     async def __aenter__(self) -> _RpcScope:
         self.started = time.monotonic()
         await self._errors.__aenter__()
+        if not self._quiet:
+            self.span = tracing.server_span(_ROUTER_SPAN + self._method, self._context)
+            self.span.__enter__()
         return self
 
     async def __aexit__(
@@ -714,6 +730,12 @@ class _RpcScope:
                 ms=round(elapsed * 1000.0, 3),
                 **self._fields,
             )
+        if self.span.recording:
+            self.span.set_attribute("llmmesh.cached", bool(self._fields.get("cached", False)))
+            for field in ("worker_id", "coalesced"):
+                if field in self._fields:
+                    self.span.set_attribute(f"llmmesh.{field}", self._fields[field])
+        self.span.__exit__(exc_type, exc, tb)
         await self._errors.__aexit__(exc_type, exc, tb)
 
     def _outcome(self, exc: BaseException | None) -> tuple[str, str | None]:
@@ -722,11 +744,22 @@ class _RpcScope:
         if isinstance(exc, errors.MeshError):
             return exc.code.name, exc.message
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            remaining: float | None = self._context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if errors.cancelled_status(self._context) is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return "DEADLINE_EXCEEDED", "the caller's deadline passed"
             return "CANCELLED", "the caller cancelled"
         return "INTERNAL", type(exc).__name__
+
+
+def _attempt_span(
+    method: str, call: _Call, worker: Worker, tried: Sequence[Worker]
+) -> tracing.Span:
+    """The client span of one call to a worker (``llmmesh.attempt`` counts from 1)."""
+    span = tracing.client_span(_WORKER_SPAN + method)
+    if span.recording:
+        span.set_attribute("llmmesh.attempt", len(tried) + call.busy_refusals + 1)
+        span.set_attribute("llmmesh.worker_id", worker.worker_id)
+        span.set_attribute("server.address", worker.address)
+    return span
 
 
 def _cancel_on_done(call: grpc.aio.Call) -> grpc.aio.DoneCallback[Any, Any]:

@@ -36,3 +36,14 @@ class TestReadme:
             check=False,
         )
         assert result.returncode == 0, result.stderr
+
+    def test_metrics_reference_is_fresh(self) -> None:
+        """The metrics list was generated from the services' current metric modules."""
+        result = subprocess.run(
+            [sys.executable, "scripts/metrics_reference.py", "--check"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr

@@ -35,7 +35,7 @@ import grpc.aio
 import structlog
 
 import llmmesh
-from llmmesh import logs
+from llmmesh import logs, tracing
 from llmmesh.errors import (
     NO_QUEUE_METADATA_KEY,
     Busy,
@@ -45,6 +45,7 @@ from llmmesh.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    cancelled_status,
     grpc_errors,
 )
 from llmmesh.server import ServiceRunner
@@ -67,6 +68,8 @@ from worker.engines import (
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "llmmesh.v1.Worker"
+#: Span name prefix of the RPCs (llmmesh/tracing.py).
+_WORKER_SPAN = SERVICE_NAME + "/"
 #: Load reports triggered by a change come at most this often (per stream).
 MIN_REPORT_GAP_S = 0.005
 #: The shortest report interval a caller may ask for.
@@ -178,13 +181,18 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
 
         with logs.bind_request(request_id=request_id):
             async with grpc_errors(context):
-                summary = await self._generate(request, request_id, context, "Generate", collect)
-                return generate_pb2.GenerateResponse(
-                    request_id=request_id,
-                    model=request.model,
-                    text="".join(parts),
-                    summary=summary,
-                )
+                with tracing.server_span(_WORKER_SPAN + "Generate", context) as span:
+                    span.set_request(request_id, request.model)
+                    summary = await self._generate(
+                        request, request_id, context, "Generate", collect
+                    )
+                    span.set_summary(summary)
+                    return generate_pb2.GenerateResponse(
+                        request_id=request_id,
+                        model=request.model,
+                        text="".join(parts),
+                        summary=summary,
+                    )
 
     async def GenerateStream(  # type: ignore[override]  # reader/writer API: see module doc
         self, request: generate_pb2.GenerateRequest, context: _Context
@@ -198,10 +206,15 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
 
         with logs.bind_request(request_id=request_id):
             async with grpc_errors(context):
-                summary = await self._generate(request, request_id, context, "GenerateStream", send)
-                await context.write(
-                    generate_pb2.GenerateStreamResponse(request_id=request_id, summary=summary)
-                )
+                with tracing.server_span(_WORKER_SPAN + "GenerateStream", context) as span:
+                    span.set_request(request_id, request.model)
+                    summary = await self._generate(
+                        request, request_id, context, "GenerateStream", send
+                    )
+                    span.set_summary(summary)
+                    await context.write(
+                        generate_pb2.GenerateStreamResponse(request_id=request_id, summary=summary)
+                    )
 
     async def WatchLoad(  # type: ignore[override]  # reader/writer API: see module doc
         self, request: worker_pb2.WatchLoadRequest, context: _Context
@@ -264,9 +277,7 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
             log.info("request failed", method=method, code=code.name, error=exc.message)
             raise
         except asyncio.CancelledError:
-            remaining: float | None = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = cancelled_status(context)
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -371,7 +382,7 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
             log.info("request aborted", reason="engine", tokens=completion.completion_tokens)
             raise Unavailable(f"worker {self.worker_id}'s engine cancelled the request")
         end = time.monotonic()
-        metrics.GENERATED_TOKENS.inc(completion.completion_tokens)
+        metrics.record_finished(completion, end - received)
         timings = generate_pb2.Timings(
             queue_ms=completion.queue_s * 1000,
             time_to_first_token_ms=((first_text_at or end) - received) * 1000,
