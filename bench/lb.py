@@ -1040,8 +1040,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument(
         "--replica-rounds",
         type=int,
-        default=2,
-        help="interleaved rounds of one router vs the replicas, pooled (default 2)",
+        default=None,
+        help="interleaved rounds of one router vs the replicas, pooled (default 2; --quick 1)",
     )
     parser.add_argument(
         "--deadline", type=float, default=30.0, help="per-request deadline, seconds (default 30)"
@@ -1073,7 +1073,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--requests: must be >= 1")
     if args.replicas < 0:
         parser.error("--replicas: must be >= 0")
-    if args.replica_rounds < 1:
+    rounds = args.replica_rounds if args.replica_rounds is not None else (1 if args.quick else 2)
+    if rounds < 1:
         parser.error("--replica-rounds: must be >= 1")
     if not args.deadline > 0:
         parser.error("--deadline: must be > 0")
@@ -1087,7 +1088,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         duration_s=duration,
         requests=args.requests,
         replicas=args.replicas,
-        replica_rounds=args.replica_rounds,
+        replica_rounds=rounds,
         deadline_s=args.deadline,
         seed=args.seed,
         out=args.out,
