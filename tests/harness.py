@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,61 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         self._tmp.cleanup()
+
+
+@dataclass
+class Mesh:
+    """A whole mesh as real processes on loopback: the cache service on a real Redis, workers
+    and a router that knows them (static discovery) and the cache."""
+
+    redis: RedisServer
+    cache: ServiceProcess
+    workers: list[ServiceProcess]
+    router: ServiceProcess
+
+    def services(self) -> list[ServiceProcess]:
+        """Every process, the router first (the order to stop them in)."""
+        return [self.router, *self.workers, self.cache]
+
+    def close(self) -> None:
+        for proc in self.services():
+            proc.close()
+
+
+def start_cache(redis: RedisServer, *args: str) -> ServiceProcess:
+    """The cache service on ``redis``, with a metrics port; ``args`` add to or override flags."""
+    base = ["--store", "redis", "--redis-url", redis.url, "--metrics-port", "0"]
+    return ServiceProcess("cache_service", [*base, *args]).start()
+
+
+def start_mesh(
+    redis: RedisServer,
+    *,
+    worker_args: Sequence[str],
+    worker_ids: Sequence[str] = ("w1", "w2"),
+    cache_args: Sequence[str] = (),
+    router_args: Sequence[str] = (),
+) -> Mesh:
+    """Start a :class:`Mesh` (every service with a metrics port); what started is stopped again
+    when a later service fails to start."""
+    started: list[ServiceProcess] = []
+    try:
+        cache = start_cache(redis, *cache_args)
+        started.append(cache)
+        workers = []
+        for worker_id in worker_ids:
+            workers.append(
+                ServiceProcess("worker", [*worker_args, "--worker-id", worker_id]).start()
+            )
+            started.append(workers[-1])
+        router_base = ["--workers", ",".join(w.address for w in workers)]
+        router_base += ["--cache-address", cache.address, "--metrics-port", "0"]
+        router = ServiceProcess("router", [*router_base, *router_args]).start()
+    except BaseException:
+        for proc in reversed(started):
+            proc.close()
+        raise
+    return Mesh(redis, cache, workers, router)
 
 
 async def assert_eventually(

@@ -41,7 +41,14 @@ from llmmesh.validation import Limits
 from router import CacheClient, RouterConfig
 from router import load_config as load_router_config
 from tests.fakes import FakeCache, FakeServer
-from tests.harness import RedisServer, ServiceProcess, assert_eventually
+from tests.harness import (
+    Mesh,
+    RedisServer,
+    ServiceProcess,
+    assert_eventually,
+    start_cache,
+    start_mesh,
+)
 
 MODEL = "sim-llama-3.1-8b"
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -363,50 +370,36 @@ REQUEST_TIMEOUT = 30.0
 OUTAGE_S = 2.0
 
 
+#: Redis calls and cache lookups get time to spare on a busy machine: these tests count outages,
+#: and a slow answer under load must not look like one.
+CACHE_ARGS = ("--redis-timeout", "250ms")
+
+
 @dataclass
-class Mesh:
-    redis: RedisServer
-    cache: ServiceProcess
-    workers: list[ServiceProcess]
-    router: ServiceProcess
+class FaultMesh(Mesh):
+    """A mesh whose cache service can be replaced; the replaced processes are kept to close."""
+
     retired: list[ServiceProcess] = field(default_factory=list)
 
     def restart_cache(self) -> None:
         """A new cache service process on the port of the old one."""
         self.retired.append(self.cache)
-        self.cache = start_cache(self.redis, port=self.cache.port)
-
-
-def start_cache(redis: RedisServer, *, port: int = 0) -> ServiceProcess:
-    args = ["--store", "redis", "--redis-url", redis.url, "--metrics-port", "0"]
-    args += ["--redis-timeout", "250ms"]
-    return ServiceProcess("cache_service", [*args, "--port", str(port)]).start()
+        self.cache = start_cache(self.redis, *CACHE_ARGS, "--port", str(self.cache.port))
 
 
 @pytest.fixture
-def mesh(redis_server: RedisServer) -> Iterator[Mesh]:
-    cache = start_cache(redis_server)
-    workers = [
-        ServiceProcess("worker", [*WORKER_ARGS, "--worker-id", f"w{i}"]).start() for i in (1, 2)
-    ]
-    router = ServiceProcess(
-        "router",
-        [
-            "--workers",
-            ",".join(w.address for w in workers),
-            "--cache-address",
-            cache.address,
-            "--cache-timeout",
-            "250ms",
-            "--metrics-port",
-            "0",
-        ],
-    ).start()
-    m = Mesh(redis_server, cache, workers, router)
+def mesh(redis_server: RedisServer) -> Iterator[FaultMesh]:
+    base = start_mesh(
+        redis_server,
+        worker_args=WORKER_ARGS,
+        cache_args=CACHE_ARGS,
+        router_args=["--cache-timeout", "250ms"],
+    )
+    m = FaultMesh(base.redis, base.cache, base.workers, base.router)
     try:
         yield m
     finally:
-        for proc in (m.router, *m.workers, m.cache, *m.retired):
+        for proc in (*m.services(), *m.retired):
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.signal(signal.SIGCONT)
             proc.close()
@@ -487,7 +480,7 @@ async def run_load(address: str, stop: asyncio.Event) -> Load:
 
 
 @contextlib.asynccontextmanager
-async def under_load(mesh: Mesh) -> AsyncIterator[Load]:
+async def under_load(mesh: FaultMesh) -> AsyncIterator[Load]:
     """Clients running for the duration of the block; none of their requests may fail."""
     stop = asyncio.Event()
     task = asyncio.create_task(run_load(mesh.router.address, stop))
@@ -500,22 +493,22 @@ async def under_load(mesh: Mesh) -> AsyncIterator[Load]:
         progress.ok, progress.cached, progress.failures = load.ok, load.cached, load.failures
 
 
-async def router_hits(mesh: Mesh) -> float:
+async def router_hits(mesh: FaultMesh) -> float:
     return await scrape(mesh.router, "llmmesh_router_cache_requests_total", result="hit")
 
 
-async def router_circuit(mesh: Mesh, name: str = "state") -> float:
+async def router_circuit(mesh: FaultMesh, name: str = "state") -> float:
     metric = "llmmesh_router_circuit_state" if name == "state" else f"llmmesh_router_circuit_{name}"
     return await scrape(mesh.router, metric, dependency="cache")
 
 
-async def cache_stats_hits(mesh: Mesh) -> int:
+async def cache_stats_hits(mesh: FaultMesh) -> int:
     async with grpc.aio.insecure_channel(mesh.cache.address) as channel:
         stats = await cache_pb2_grpc.CacheStub(channel).Stats(cache_pb2.StatsRequest(), timeout=5)
         return stats.hits
 
 
-async def wait_for_hits(mesh: Mesh) -> None:
+async def wait_for_hits(mesh: FaultMesh) -> None:
     """Cache hits move, as the router and the cache service count them."""
     router_before, cache_before = await router_hits(mesh), await cache_stats_hits(mesh)
 
@@ -537,7 +530,7 @@ class Outage:
     back_lines: int
 
 
-async def outage(mesh: Mesh, begin: Callable[[], object], end: Callable[[], object]) -> Outage:
+async def outage(mesh: FaultMesh, begin: Callable[[], object], end: Callable[[], object]) -> Outage:
     """Under load: see hits, cause an outage (``begin``), see the router's circuit open, end it
     after a while, see the circuit close and hits come back."""
     await wait_for_hits(mesh)
@@ -570,7 +563,7 @@ async def outage(mesh: Mesh, begin: Callable[[], object], end: Callable[[], obje
     return moved
 
 
-async def _circuit_is(mesh: Mesh, *, closed: bool) -> bool:
+async def _circuit_is(mesh: FaultMesh, *, closed: bool) -> bool:
     return (await router_circuit(mesh) == CircuitState.CLOSED) == closed
 
 
@@ -580,7 +573,7 @@ def assert_no_failures(load: Load) -> None:
     assert load.cached > 0, load
 
 
-def assert_one_router_outage(mesh: Mesh, moved: Outage) -> None:
+def assert_one_router_outage(mesh: FaultMesh, moved: Outage) -> None:
     """The router's circuit opened once, refused calls, and the outage was logged once."""
     history = circuit_history(mesh.router)
     assert moved.opened == 1, history
@@ -592,7 +585,7 @@ def assert_one_router_outage(mesh: Mesh, moved: Outage) -> None:
 class TestFaultsUnderLoad:
     """16 clients at once, and not one failed request while a dependency goes away and back."""
 
-    async def test_redis_stopped_and_restarted(self, mesh: Mesh) -> None:
+    async def test_redis_stopped_and_restarted(self, mesh: FaultMesh) -> None:
         redis, cache = mesh.redis, mesh.cache
         async with under_load(mesh) as load:
             await wait_for_hits(mesh)
@@ -607,7 +600,7 @@ class TestFaultsUnderLoad:
         assert logged(cache, STORE_DOWN_EVENT) == 1, circuit_history(cache)
         assert logged(cache, STORE_BACK_EVENT) == 1, circuit_history(cache)
 
-    async def test_cache_service_killed_and_restarted(self, mesh: Mesh) -> None:
+    async def test_cache_service_killed_and_restarted(self, mesh: FaultMesh) -> None:
         def kill() -> None:
             mesh.cache.signal(signal.SIGKILL)
             mesh.cache.wait(10)
@@ -617,7 +610,7 @@ class TestFaultsUnderLoad:
         assert_no_failures(load)
         assert_one_router_outage(mesh, moved)
 
-    async def test_cache_service_hung_then_resumed(self, mesh: Mesh) -> None:
+    async def test_cache_service_hung_then_resumed(self, mesh: FaultMesh) -> None:
         async with under_load(mesh) as load:
             moved = await outage(
                 mesh,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 import grpc.aio
@@ -22,46 +21,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, generate_pb2, router_pb2, router_pb2_grpc
-from tests.harness import RedisServer, ServiceProcess, assert_eventually
+from tests.harness import Mesh, RedisServer, ServiceProcess, assert_eventually, start_mesh
 
 MODEL = "sim-llama-3.1-8b"
 # Fast enough to keep the suite quick, slow enough that a long answer takes seconds.
 WORKER_ARGS = ["--engine", "sim", "--metrics-port", "0", "--sim-speed-factor", "4"]
 
 
-@dataclass
-class Mesh:
-    redis: RedisServer
-    cache: ServiceProcess
-    workers: list[ServiceProcess]
-    router: ServiceProcess
-
-
-def _start_mesh(redis: RedisServer, *, router_args: list[str] | None = None) -> Mesh:
-    cache = ServiceProcess(
-        "cache_service", ["--store", "redis", "--redis-url", redis.url, "--metrics-port", "0"]
-    ).start()
-    workers = [
-        ServiceProcess("worker", [*WORKER_ARGS, "--worker-id", f"w{i}"]).start() for i in (1, 2)
-    ]
-    router = ServiceProcess(
-        "router",
-        [
-            "--workers",
-            ",".join(w.address for w in workers),
-            "--cache-address",
-            cache.address,
-            "--metrics-port",
-            "0",
-            *(router_args or []),
-        ],
-    ).start()
-    return Mesh(redis, cache, workers, router)
-
-
-def _close_mesh(mesh: Mesh) -> None:
-    for proc in (mesh.router, *mesh.workers, mesh.cache):
-        proc.close()
+def _start_mesh(redis: RedisServer, *, router_args: Sequence[str] = ()) -> Mesh:
+    return start_mesh(redis, worker_args=WORKER_ARGS, router_args=router_args)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +39,7 @@ def mesh() -> Iterator[Mesh]:
     try:
         yield m
     finally:
-        _close_mesh(m)
+        m.close()
         redis.close()
 
 
@@ -346,7 +314,7 @@ class TestLifecycle:
             code = await asyncio.to_thread(mesh.router.wait, 30)
             assert code == 0
         finally:
-            _close_mesh(mesh)
+            mesh.close()
             redis.close()
 
 

@@ -18,7 +18,6 @@ import asyncio
 import math
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -30,7 +29,7 @@ from llmmesh.discovery import Endpoint
 from llmmesh.v1 import generate_pb2, router_pb2_grpc
 from router._pool import WorkerPool
 from tests.fakes import DEFAULT_MODEL, FakeServer, FakeWorker
-from tests.harness import RedisServer, ServiceProcess, assert_eventually
+from tests.harness import Mesh, RedisServer, ServiceProcess, assert_eventually, start_mesh
 
 MODEL = "sim-llama-3.1-8b"
 WORKER_IDS = ("w1", "w2")
@@ -41,52 +40,19 @@ WORKER_ARGS = ["--engine", "sim", "--sim-speed-factor", "8", "--metrics-port", "
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-@dataclass
-class Mesh:
-    cache: ServiceProcess
-    workers: list[ServiceProcess]
-    router: ServiceProcess
-
-    def services(self) -> list[ServiceProcess]:
-        return [self.router, *self.workers, self.cache]
-
-
 @pytest.fixture
 def mesh(redis_server: RedisServer) -> Iterator[Mesh]:
-    procs: list[ServiceProcess] = []
+    # Lookups must not time out on a busy machine: every hit and miss is counted.
+    m = start_mesh(
+        redis_server,
+        worker_args=WORKER_ARGS,
+        worker_ids=WORKER_IDS,
+        router_args=["--cache-timeout", "5s"],
+    )
     try:
-        cache = ServiceProcess(
-            "cache_service",
-            ["--store", "redis", "--redis-url", redis_server.url, "--metrics-port", "0"],
-        ).start()
-        procs.append(cache)
-        workers = []
-        for worker_id in WORKER_IDS:
-            worker = ServiceProcess(
-                "worker",
-                [*WORKER_ARGS, "--worker-id", worker_id],
-            ).start()
-            procs.append(worker)
-            workers.append(worker)
-        router = ServiceProcess(
-            "router",
-            [
-                "--workers",
-                ",".join(w.address for w in workers),
-                "--cache-address",
-                cache.address,
-                # Lookups must not time out on a busy machine: every hit and miss is counted.
-                "--cache-timeout",
-                "5s",
-                "--metrics-port",
-                "0",
-            ],
-        ).start()
-        procs.append(router)
-        yield Mesh(cache, workers, router)
+        yield m
     finally:
-        for proc in reversed(procs):
-            proc.close()
+        m.close()
 
 
 @pytest.fixture
