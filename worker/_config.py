@@ -60,9 +60,11 @@ class WorkerConfig(ServerSettings, ConsulSettings):
     stream_interval: int = field(
         default=1,
         metadata={
-            "help": "engine outputs (tokens) per streamed message after the first, which is "
-            "always sent at once: 1 sends each as it is produced; more sends fewer, larger "
-            "messages, for less CPU per token in the worker, the router and the client"
+            "help": "engine outputs per streamed message after the first, which is always sent "
+            "at once (an output is one token, or --trtllm-stream-interval tokens on the trtllm "
+            "engine, which groups inside the engine): 1 sends each as it is produced; more sends "
+            "fewer, larger messages, for less CPU per token in the worker, the router and the "
+            "client"
         },
     )
     load_report_interval: timedelta = field(
