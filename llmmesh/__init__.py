@@ -8,7 +8,9 @@
 - :mod:`llmmesh.validation`: request validation shared by router and worker;
 - :mod:`llmmesh.cache_key`: the canonical cache key of a request;
 - :mod:`llmmesh.discovery`: how a router finds its workers;
-- :mod:`llmmesh.cli`: the ``llm-mesh`` command.
+- :mod:`llmmesh.client`: a synchronous client of the router, for the command and ``up --try``;
+- :mod:`llmmesh.cli`: the ``llm-mesh`` command;
+- :mod:`llmmesh.local_mesh`: ``llm-mesh up``, the whole mesh on this machine.
 """
 
 from importlib import metadata

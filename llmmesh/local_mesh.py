@@ -42,7 +42,7 @@ from typing import Any, Literal, TextIO
 
 import grpc
 
-from llmmesh import cli
+from llmmesh import client as router_client
 from llmmesh.server import free_port, write_json_atomically
 from llmmesh.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
@@ -56,7 +56,7 @@ class MeshConfig:
 
     workers: int = 2
     engine: str = "sim"
-    model: str = cli.DEFAULT_MODEL
+    model: str = router_client.DEFAULT_MODEL
     host: str = "127.0.0.1"
     port: int = 50051
     store: Literal["auto", "redis", "memory"] = "auto"
@@ -272,7 +272,7 @@ async def _redis_answers_ping(port: int) -> bool:
 
 def _error_line(exc: Exception, target: str) -> str:
     if isinstance(exc, grpc.RpcError):
-        return cli.format_rpc_error(exc, target)
+        return router_client.format_rpc_error(exc, target)
     return f"error: {exc}"
 
 
@@ -403,16 +403,16 @@ class LocalMesh:
             target = consul.resolve(consul.ConsulSettings(consul_addr=self.config.consul_addr))
         except ValueError as exc:
             raise MeshFailed(f"--consul-addr: {exc}") from None
-        client = consul.open_client(target, timeout_s=5.0)
+        agent = consul.open_client(target, timeout_s=5.0)
         try:
             with consul_errors(target):
-                leader = await client.status.leader()
+                leader = await agent.status.leader()
         except ConsulError as exc:
             raise MeshFailed(
                 f"{exc.message}; start an agent (consul agent -dev) or fix --consul-addr"
             ) from None
         finally:
-            await client.close()
+            await agent.close()
         _say(f"Consul agent at {target.url} (leader {leader or 'none yet'})")
 
     def _worker_id(self, i: int) -> str:
@@ -644,14 +644,14 @@ class LocalMesh:
             return None
         print(f"\n$ {cmd} --stream", file=self.out, flush=True)
         try:
-            request_id, summary = cli.ask(
+            request_id, summary = router_client.ask(
                 stub, request, stream=True, timeout=TRY_TIMEOUT_S, out=self.out
             )
-        except (grpc.RpcError, cli.CommandError) as exc:
+        except (grpc.RpcError, router_client.CommandError) as exc:
             if not self._stop.is_set():  # else the router stopped under it: no news
                 print(_error_line(exc, self.target), file=self.out, flush=True)
             return None
-        print(cli.format_summary(request_id, summary), file=self.out, flush=True)
+        print(router_client.format_summary(request_id, summary), file=self.out, flush=True)
         return summary
 
     def _wait_until_cached(
@@ -666,7 +666,7 @@ class LocalMesh:
             try:
                 stub.Generate(probe, timeout=2.0)
             except grpc.RpcError as exc:
-                if cli.rpc_status(exc)[0] != grpc.StatusCode.NOT_FOUND:
+                if router_client.rpc_status(exc)[0] != grpc.StatusCode.NOT_FOUND:
                     return
                 time.sleep(0.05)
             else:

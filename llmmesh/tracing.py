@@ -32,7 +32,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
 import grpc.aio
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span as OtelSpan
     from opentelemetry.trace import Tracer
 
-    from llmmesh.server import ServerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +73,17 @@ _EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
 _MAX_ATTRIBUTE_CHARS = 256
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class TraceSettings(Protocol):
+    """What :func:`configure` reads of a service's settings (``llmmesh.server.ServerSettings``
+    has both)."""
+
+    @property
+    def otlp_endpoint(self) -> str: ...
+
+    @property
+    def trace_sample_ratio(self) -> float: ...
 
 
 class Span:
@@ -322,7 +332,7 @@ def _rpc_attributes(name: str) -> dict[str, str]:
 
 
 def configure(
-    service_name: str, settings: ServerSettings, *, environ: Mapping[str, str] | None = None
+    service_name: str, settings: TraceSettings, *, environ: Mapping[str, str] | None = None
 ) -> bool:
     """Turn tracing on for this process when an OTLP endpoint is configured; whether it is on.
 
