@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from llmmesh import cli
+from llmmesh import cli, client
 from llmmesh.server import free_port
 from llmmesh.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
@@ -146,7 +146,7 @@ class TestFormatSummary:
 
     def test_generated(self):
         """A generated answer names the worker, timings, tokens, finish and request id."""
-        line = cli.format_summary("req-1", _summary())
+        line = client.format_summary("req-1", _summary())
         assert line == (
             "[generated] worker=worker-1 ttft=12.3ms total=80.0ms tokens=5/16 finish=length"
             " request_id=req-1"
@@ -154,7 +154,7 @@ class TestFormatSummary:
 
     def test_cached(self):
         """A cached answer starts with [cached]."""
-        line = cli.format_summary("r", _summary(cached=True, finish_reason=1))
+        line = client.format_summary("r", _summary(cached=True, finish_reason=1))
         assert line.startswith("[cached] worker=worker-1 ")
         assert " finish=stop " in line
 
@@ -212,7 +212,7 @@ class TestFormatRpcError:
     def test_carries_code_and_details(self):
         """The status code name and the server's message."""
         error = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: 2 is not in (0, 1]")
-        assert cli.format_rpc_error(error, "127.0.0.1:1") == (
+        assert client.format_rpc_error(error, "127.0.0.1:1") == (
             "error: INVALID_ARGUMENT: sampling.top_p: 2 is not in (0, 1]"
         )
 
@@ -223,7 +223,7 @@ class TestFormatRpcError:
             "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
             "Failed to connect to remote host: connect: Connection refused (111)",
         )
-        assert cli.format_rpc_error(error, "127.0.0.1:9") == (
+        assert client.format_rpc_error(error, "127.0.0.1:9") == (
             "error: UNAVAILABLE: nothing is listening at 127.0.0.1:9; "
             "start a mesh with `llm-mesh up`"
         )
@@ -231,14 +231,14 @@ class TestFormatRpcError:
     def test_other_unavailable_keeps_the_details(self):
         """UNAVAILABLE for another reason (no healthy worker) is shown as the server said."""
         error = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "no healthy worker serves model m")
-        assert cli.format_rpc_error(error, "t") == (
+        assert client.format_rpc_error(error, "t") == (
             "error: UNAVAILABLE: no healthy worker serves model m"
         )
 
     def test_deadline_mentions_the_timeout(self):
         """DEADLINE_EXCEEDED points at --timeout."""
         error = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        assert cli.format_rpc_error(error, "t") == (
+        assert client.format_rpc_error(error, "t") == (
             "error: DEADLINE_EXCEEDED: Deadline Exceeded (no complete answer within --timeout)"
         )
 
