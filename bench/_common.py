@@ -1,14 +1,18 @@
-"""What the benchmarks share: percentiles, tables, the results file, a progress bar, CPU meters,
-a service process started the way tests start one (``--ready-file``), a throwaway Redis, a
-Prometheus scrape and gRPC's message framing for raw HTTP/2 load generators."""
+"""What the benchmarks share: percentiles and ratios, tables, verdicts and the results file, a
+progress bar, option lists, CPU meters, a service process started the way tests start one
+(``--ready-file``), a client channel, a wait for a condition, a Prometheus scrape and gRPC's
+message framing for raw HTTP/2 load generators (``bench/_h2load.py`` runs one)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime
 import json
 import math
 import os
 import platform
+import shlex
 import signal
 import struct
 import subprocess
@@ -16,14 +20,20 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
+import grpc.aio
 from prometheus_client.parser import text_string_to_metric_families
+
+from llmmesh import logs
+from llmmesh.server import grpc_channel_options
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -46,6 +56,11 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     if value is None or math.isnan(value):
         return None
     return round(value, digits)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing or ``b`` is not positive."""
+    return a / b if a is not None and b is not None and b > 0 else None
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -75,6 +90,16 @@ def fmt(value: float | None, digits: int = 1, *, thousands: bool = False) -> str
     return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
 
 
+def verdict(passed: bool | None) -> str:
+    """A target's outcome in a report: PASS, FAIL or not measured (None)."""
+    return {True: "PASS", False: "FAIL", None: "not measured"}[passed]
+
+
+def notes_section(notes: Sequence[str]) -> list[str]:
+    """A report's closing "Notes:" list, or nothing when there are none."""
+    return ["", "Notes:", *(f"- {n}" for n in notes)] if notes else []
+
+
 def machine_info() -> dict[str, Any]:
     """Where a result was measured."""
     try:
@@ -91,12 +116,49 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def machine_line() -> str:
+    """A report's line saying where it was measured."""
+    info = machine_info()
+    return (
+        f"machine: {info['usable_cpus']} CPUs, {info['processor']}, "
+        f"{info['python_implementation']} {info['python']}, {info['platform']}"
+    )
+
+
+def results_header(benchmark: str, argv: Sequence[str]) -> dict[str, Any]:
+    """What every results file begins with: the benchmark, its command line, when and where."""
+    return {
+        "benchmark": benchmark,
+        "command": shlex.join(["python", "-m", "bench", benchmark, *argv]),
+        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+    }
+
+
 def write_results(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON at ``path`` (atomically, creating its directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def run_benchmark(
+    measure: Coroutine[Any, Any, R],
+    argv: Sequence[str],
+    *,
+    report: Callable[[R], str],
+    results: Callable[[R, Sequence[str]], dict[str, Any]],
+    out: Path,
+) -> R:
+    """Run ``measure`` (the benchmark, logging warnings only), print its report, write its
+    results (from its command line ``argv``) at ``out`` and say where they are."""
+    logs.configure("bench", "warning", json=False)
+    run = asyncio.run(measure)
+    print(report(run))
+    write_results(out, results(run, argv))
+    print(f"\nresults: {out}")
+    return run
 
 
 class Progress:
@@ -156,6 +218,24 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def parse_list(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    text: str,
+    convert: Callable[[str], T],
+    what: str = "values",
+) -> tuple[T, ...]:
+    """The comma-separated items of ``text`` (blanks skipped), each through ``convert``; a
+    usage error ``<flag>: not a list of <what>`` when one does not convert (ValueError)."""
+    try:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"{flag}: not a list of {what}: {text!r}")
 
 
 # -- CPU -----------------------------------------------------------------------------------------
@@ -301,7 +381,29 @@ def close_services(services: Sequence[ServiceProcess]) -> None:
         service.close()
 
 
-# -- Redis, metrics, raw gRPC --------------------------------------------------------------------
+# -- waiting -------------------------------------------------------------------------------------
+
+
+async def wait_until(
+    missing: Callable[[], Awaitable[str | None]], *, deadline: float, interval_s: float = 0.05
+) -> None:
+    """Ask ``missing()`` every ``interval_s`` until it answers None (nothing is missing); past
+    ``deadline`` (``time.monotonic()``), a RuntimeError with what it last said was missing."""
+    while True:
+        problem = await missing()
+        if problem is None:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(problem)
+        await asyncio.sleep(interval_s)
+
+
+# -- channels, metrics, raw gRPC -----------------------------------------------------------------
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """A plaintext client channel to ``address`` with the mesh's own channel options."""
+    return grpc.aio.insecure_channel(address, options=grpc_channel_options())
 
 
 def ready_info(service: ServiceProcess) -> dict[str, Any]:

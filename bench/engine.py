@@ -29,16 +29,12 @@ import asyncio
 import dataclasses
 import datetime
 import math
-import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import grpc
-import grpc.aio
 
 from bench._common import (
     ROOT,
@@ -48,12 +44,14 @@ from bench._common import (
     fmt,
     format_table,
     machine_info,
+    notes_section,
+    open_channel,
+    parse_list,
     percentile,
+    results_header,
     rounded,
-    write_results,
+    run_benchmark,
 )
-from llmmesh import logs
-from llmmesh.server import grpc_channel_options
 from llmmesh.v1 import generate_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
 from worker.engines import Completion, EngineRequest, SimEngine, SimSettings, TextDelta
@@ -457,7 +455,7 @@ async def run_all(options: Options) -> Run:
         if "worker" in options.parts:
             progress.phase("worker: starting", 2.0)
             with ServiceProcess("worker", worker_args(options)) as worker:
-                channel = grpc.aio.insecure_channel(worker.address, options=grpc_channel_options())
+                channel = open_channel(worker.address)
                 try:
                     stub: worker_pb2_grpc.WorkerAsyncStub = worker_pb2_grpc.WorkerStub(channel)
                     progress.phase("worker: batch-1 probes", 1.0)
@@ -632,39 +630,30 @@ def report(run: Run) -> str:
         "output tok/s",
         "CPU % of a core",
     ]
-    rows: list[list[str]] = []
-    for part, label in (("engine", "engine in-process"), ("worker", "worker over gRPC")):
-        for level in run.levels.get(part, []):
-            f = level.figures()
-            cpu = ", ".join(f"{k} {fmt(v, 0)}" for k, v in level.cpu_percent.items())
-            rows.append(
-                [
-                    label,
-                    str(level.streams),
-                    str(len(level.samples)),
-                    fmt(f["ttft_p50_ms"]),
-                    fmt(f["ttft_p99_ms"]),
-                    fmt(f["tpot_p50_ms"], 2),
-                    fmt(f["tpot_p99_ms"], 2),
-                    fmt(f["output_tokens_per_s"], 0, thousands=True),
-                    cpu,
-                ]
-            )
-    for level in run.levels.get("engine", []):
-        f = level.figures(model=True)
-        rows.append(
-            [
-                "sim model (its clock)",
-                str(level.streams),
-                str(len(level.samples)),
-                fmt(f["ttft_p50_ms"]),
-                fmt(f["ttft_p99_ms"]),
-                fmt(f["tpot_p50_ms"], 2),
-                fmt(f["tpot_p99_ms"], 2),
-                fmt(f["output_tokens_per_s"], 0, thousands=True),
-                "",
-            ]
-        )
+
+    def row(label: str, level: Level, *, model: bool = False) -> list[str]:
+        f = level.figures(model=model)
+        cpu = "" if model else ", ".join(f"{k} {fmt(v, 0)}" for k, v in level.cpu_percent.items())
+        return [
+            label,
+            str(level.streams),
+            str(len(level.samples)),
+            fmt(f["ttft_p50_ms"]),
+            fmt(f["ttft_p99_ms"]),
+            fmt(f["tpot_p50_ms"], 2),
+            fmt(f["tpot_p99_ms"], 2),
+            fmt(f["output_tokens_per_s"], 0, thousands=True),
+            cpu,
+        ]
+
+    rows = [
+        row(label, level)
+        for part, label in (("engine", "engine in-process"), ("worker", "worker over gRPC"))
+        for level in run.levels.get(part, [])
+    ]
+    rows += [
+        row("sim model (its clock)", level, model=True) for level in run.levels.get("engine", [])
+    ]
     lines.append(format_table(headers, rows))
     lines += ["", f"Calibration: {PUBLISHED['source']}"]
     cal_rows = [
@@ -690,9 +679,7 @@ def report(run: Run) -> str:
             f"The published figures are for speed factor 1; this run's times are divided by "
             f"{o.speed_factor:g} and its throughput multiplied by it."
         )
-    found = notes(run)
-    if found:
-        lines += ["", "Notes:", *(f"- {n}" for n in found)]
+    lines += notes_section(notes(run))
     return "\n".join(lines)
 
 
@@ -700,10 +687,7 @@ def results(run: Run, argv: Sequence[str]) -> dict[str, Any]:
     o = run.options
     settings = dataclasses.asdict(sim_settings(o))
     return {
-        "benchmark": "engine",
-        "command": shlex.join(["python", "-m", "bench", "engine", *argv]),
-        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        **results_header("engine", argv),
         "workload": {
             "prompt_tokens": o.prompt_tokens,
             "output_tokens": o.output_tokens,
@@ -761,11 +745,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
-    try:
-        concurrency = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
-    except ValueError:
-        parser.error(f"--concurrency: not a list of integers: {args.concurrency!r}")
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    concurrency = parse_list(parser, "--concurrency", args.concurrency, int, "integers")
+    parts = parse_list(parser, "--parts", args.parts, str.strip)
     if not concurrency or min(concurrency) < 1:
         parser.error("--concurrency: give one or more positive integers")
     if not parts or set(parts) - set(PARTS):
@@ -791,11 +772,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 def main(argv: Sequence[str]) -> int:
     options = parse_args(argv)
-    logs.configure("bench", "warning", json=False)
-    run = asyncio.run(run_all(options))
-    print(report(run))
-    write_results(options.out, results(run, argv))
-    print(f"\nresults: {options.out}")
+    run = run_benchmark(run_all(options), argv, report=report, results=results, out=options.out)
     failed = any(level.errors for levels in run.levels.values() for level in levels)
     return 1 if failed else 0
 

@@ -1,4 +1,4 @@
-"""ConsulDiscovery against the Consul agent double (tests/consul_agent.py) over real HTTP on
+"""ConsulDiscovery against the Consul agent double (tests/consul_agent/) over real HTTP on
 127.0.0.1, through the real py-consul client: the passing set, blocking queries, Consul's index
 rules, rate limiting, outages and the ACL token."""
 

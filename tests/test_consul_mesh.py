@@ -1,6 +1,6 @@
 """A mesh whose router knows its workers only through Consul: the router and the workers run as
 real processes (``python -m router`` / ``python -m worker`` with ``--discovery consul``), the
-Consul agent double (tests/consul_agent.py) runs in the test's event loop on 127.0.0.1.
+Consul agent double (tests/consul_agent/) runs in the test's event loop on 127.0.0.1.
 
 The scenarios of issue 4: a new worker gets traffic within a second of registering; a SIGKILLed
 worker leaves after its TTL; the router keeps serving through a Consul outage and converges when
