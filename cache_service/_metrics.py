@@ -3,7 +3,7 @@
 Two levels: every RPC is counted by method and status code and timed as the service sees it
 (:func:`rpc`), and every operation on the backing store (Redis or memory) is timed and its
 failures counted by operation, so that a slow or failing Redis shows apart from slow callers.
-Every metric is listed in README.md (scripts/metrics_reference.py).
+Every metric is listed in docs/operating/metrics.md (scripts/metrics_reference.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Print (or check) the README's configuration reference, generated from the config dataclasses.
+"""Print (or check) the configuration reference, generated from the config dataclasses.
 
 Usage: python scripts/config_reference.py [--write | --check]
 
-The reference lives in README.md between the markers below; --write replaces it, --check exits 1
-when it is stale (tests/test_readme.py runs the check), so the README never drifts from the flags
-the services really accept.
+The reference lives in docs/operating/configuration.md between the markers below; --write
+replaces it, --check exits 1 when it is stale (tests/test_docs.py runs the check), so the docs
+never drift from the flags the services really accept.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-import _readme_section  # scripts/ is on sys.path when a script runs
+import _generated_section  # scripts/ is on sys.path when a script runs
 
 from llmmesh.settings import _format_default, env_name, flag_name
 
@@ -26,6 +26,7 @@ SERVICES = [
     ("worker", "worker._config", "WorkerConfig"),
     ("cache_service", "cache_service._config", "CacheConfig"),
 ]
+TARGET = _generated_section.ROOT / "docs" / "operating" / "configuration.md"
 
 
 def _type_name(tp: Any) -> str:
@@ -48,7 +49,7 @@ def reference() -> str:
         hints = typing.get_type_hints(cls)
         out += [
             "",
-            f"#### `python -m {name}`",
+            f"## `python -m {name}`",
             "",
             "| flag | environment | type | default | meaning |",
             "|---|---|---|---|---|",
@@ -67,9 +68,10 @@ def reference() -> str:
 
 
 def main() -> int:
-    return _readme_section.main(
+    return _generated_section.main(
         what="configuration reference",
         script="scripts/config_reference.py",
+        target=TARGET,
         generate=reference,
         begin=BEGIN,
         end=END,

@@ -1,11 +1,11 @@
-"""Print (or check) the README's list of Prometheus metrics, generated from the services' modules.
+"""Print (or check) the list of Prometheus metrics, generated from the services' modules.
 
 Usage: python scripts/metrics_reference.py [--write | --check]
 
-The list lives in README.md between the markers below; --write replaces it, --check exits 1 when
-it is stale (tests/test_readme.py runs the check), so the README never drifts from the metrics the
-services really export. The metrics are found by importing each service's modules and walking
-their globals for metric objects (the per-service circuit breaker metrics are a
+The list lives in docs/operating/metrics.md between the markers below; --write replaces it,
+--check exits 1 when it is stale (tests/test_docs.py runs the check), so the docs never drift from
+the metrics the services really export. The metrics are found by importing each service's modules
+and walking their globals for metric objects (the per-service circuit breaker metrics are a
 :class:`~llmmesh.breaker.BreakerMetrics` of three); every ``llmmesh_*`` metric in the default
 registry after those imports must be among them, so a metric defined somewhere else fails the
 script instead of going unlisted.
@@ -18,7 +18,7 @@ import importlib
 import types
 from collections.abc import Iterator
 
-import _readme_section  # scripts/ is on sys.path when a script runs
+import _generated_section  # scripts/ is on sys.path when a script runs
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -34,6 +34,7 @@ SERVICES = [
 ]
 #: Imported before the registry is checked for metrics the modules above do not hold.
 SERVICE_MODULES = ["router._service", "worker._service", "cache_service._service"]
+TARGET = _generated_section.ROOT / "docs" / "operating" / "metrics.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +102,10 @@ def reference() -> str:
 
 
 def main() -> int:
-    return _readme_section.main(
+    return _generated_section.main(
         what="metrics reference",
         script="scripts/metrics_reference.py",
+        target=TARGET,
         generate=reference,
         begin=BEGIN,
         end=END,

@@ -3,7 +3,7 @@
 - **Compose file.** It validates against the compose specification's JSON schema
   (``../shared/data/compose-spec.json``), before and after ``${VAR:-default}`` interpolation;
   images are pinned; profiles, ``depends_on`` (healthy), restart policies, GPU reservations and
-  published ports are what the README promises.
+  published ports are what docs/operating/deployment.md promises.
 - **Settings.** Every ``LLMMESH_*`` variable a service gets (from its image's ``ENV`` and the
   compose file) is a real setting of that service, every ``host:port`` in them names a compose
   service on the port it listens on, and each service's own config loader accepts its command and
@@ -278,7 +278,7 @@ def exported_metrics() -> dict[str, set[str]]:
             continue
         if family.name.endswith("_trace_spans"):
             # Registered by llmmesh.tracing only while tracing is on (an in-process tracing test
-            # may have turned it on): documented in the README's Tracing section instead.
+            # may have turned it on): documented in docs/operating/tracing.md instead.
             continue
         suffixes = {
             "counter": ["_total"],
@@ -314,7 +314,7 @@ def validator() -> jsonschema.protocols.Validator:
 
 
 class TestComposeFile:
-    """deploy/docker-compose.yml is a valid compose file that says what the README says."""
+    """deploy/docker-compose.yml is a valid compose file that says what the docs say."""
 
     def test_validates_against_the_compose_spec(
         self, validator: jsonschema.protocols.Validator
@@ -916,9 +916,9 @@ class TestGrafana:
 
 
 def test_readme_tells_how_to_deploy() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operating" / "deployment.md").read_text()
     for text in [
-        "## Deploy with docker compose",
+        "# Deploy with docker compose",
         "docker compose --profile cpu up",
         "docker compose --profile gpu up",
         "docker compose --profile gpu-triton up",

@@ -2,8 +2,9 @@
 
 The engine's load (active, queued, capacity, KV cache use) is published as gauges by the worker's
 load pump (:func:`record_load`), the same snapshots its ``WatchLoad`` streams carry; a finished
-generation is counted once (:func:`record_finished`). Every metric is listed in README.md
-(scripts/metrics_reference.py); the Consul registration metrics live in worker/_registration.py.
+generation is counted once (:func:`record_finished`). Every metric is listed in
+docs/operating/metrics.md (scripts/metrics_reference.py); the Consul registration metrics live in
+worker/_registration.py.
 """
 
 from __future__ import annotations
