@@ -75,7 +75,7 @@ class ResourceExhausted(MeshError):
 
 #: Request metadata by which a router asks a worker to refuse the request (:class:`Busy`) rather
 #: than queue it when the worker has no free batch slot: a router that queues requests itself
-#: binds a request to a worker only when the worker has room for it (router/_service.py).
+#: binds a request to a worker only when the worker has room for it (router/_picking.py).
 NO_QUEUE_METADATA_KEY = "x-llmmesh-no-queue"
 #: Trailing metadata of a :class:`Busy` refusal.
 BUSY_TRAILER = "x-llmmesh-busy"

@@ -7,6 +7,7 @@ with ``python -m router`` (flags and ``LLMMESH_*`` variables: see :class:`Router
 """
 
 from router._admission import AdmissionQueue
+from router._app import RouterApp
 from router._balancer import (
     POLICY_NAMES,
     LeastLoaded,
@@ -23,7 +24,7 @@ from router._balancer import (
 from router._cache_client import CacheClient, NoCache, ResponseCache, open_cache
 from router._config import RouterConfig, load_config
 from router._pool import Lease, Worker, WorkerPool, WorkerState
-from router._service import RouterApp, RouterService
+from router._service import RouterService
 
 __all__ = [
     "POLICY_NAMES",

@@ -3,8 +3,8 @@
 Per-worker series (``worker_id`` label, :data:`PER_WORKER`) live as long as the worker is in the
 routing table: router/_pool.py exports a worker's in-flight count and load score as gauges read
 from the table at scrape time (:func:`track_worker`) once the worker has told its id, and removes
-all of its series when it leaves (:func:`forget_worker`). Every metric is listed in README.md
-(scripts/metrics_reference.py).
+all of its series when it leaves (:func:`forget_worker`). Every metric is listed in
+docs/operating/metrics.md (scripts/metrics_reference.py).
 """
 
 from __future__ import annotations

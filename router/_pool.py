@@ -215,7 +215,7 @@ class Lease:
 
     Outcomes make the worker's record: :meth:`succeeded` (the worker answered, or produced its
     first chunk) resets its consecutive failures; :meth:`failed` counts one (see
-    :data:`router._service` for which statuses are failures). A lease released with neither told
+    :data:`router._dispatch` for which statuses are failures). A lease released with neither told
     (the caller cancelled or ran out of time) changes nothing. Only the probe lease of an
     ejected worker decides whether it comes back.
     """

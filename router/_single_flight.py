@@ -9,7 +9,7 @@ followers go on without it: the first to wake leads a new flight, the others fol
 leader's error is shared with the followers only when it is INVALID_ARGUMENT from the worker, which
 an identical request would get as well. Each follower keeps its own deadline and cancellation.
 
-Which requests lead and follow is router/_service.py's business (requests that read and write the
+Which requests lead and follow is router/_consult.py's business (requests that read and write the
 cache follow; a refresh leads but never follows). Everything here runs on the event loop without
 awaiting, except :meth:`Flights.follow`, so no lock is needed.
 """
