@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.breaker import BreakerMetrics
 from llmmesh.errors import MeshError, cancelled_status
+from llmmesh.malformed_requests import malformed_requests_metric
 
 #: Store operations, as labelled in ``op``.
 STORE_OPS = (
@@ -119,6 +120,8 @@ STORE_UP = Gauge(
 )
 #: The store's circuit breaker: llmmesh_cache_circuit_{state,short_circuited_total,opened_total}.
 CIRCUIT = BreakerMetrics.create("cache")
+#: Requests whose bytes do not parse (llmmesh/malformed_requests.py).
+MALFORMED_REQUESTS = malformed_requests_metric("cache", ["llmmesh.v1.Cache"])
 
 for _method in METHODS:
     REQUEST_DURATION.labels(method=_method)

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -108,7 +108,13 @@ class StoreHealth:
     when the circuit opens) and one info line (``cache store recovered``, when a trial closes it).
     """
 
-    def __init__(self, store: str, settings: BreakerSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: str,
+        settings: BreakerSettings | None = None,
+        *,
+        log_fields: Mapping[str, object] | None = None,
+    ) -> None:
         self.store = store
         #: None until the first operation, then whether the last one succeeded.
         self.up: bool | None = None
@@ -118,6 +124,8 @@ class StoreHealth:
             metrics=metrics.CIRCUIT,
             opened_event="cache store unavailable",
             closed_event="cache store recovered",
+            # The store's address goes on the log lines; causes and errors to callers omit it.
+            log_fields=log_fields,
         )
 
     def admit(self, op: str) -> Ticket:
@@ -431,7 +439,8 @@ class CacheApp:
     ) -> None:
         self.config = config
         self.store = store if store is not None else open_store(config)
-        self.health = StoreHealth(self.store.name, config.store_breaker)
+        where = {"redis_url": config.redis_url_masked} if self.store.name == "redis" else {}
+        self.health = StoreHealth(self.store.name, config.store_breaker, log_fields=where)
         self.servicer = CacheServicer(self.store, config, self.health)
         self._probe_interval_s = probe_interval_s
         self._probe: asyncio.Task[None] | None = None

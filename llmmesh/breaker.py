@@ -322,9 +322,11 @@ class CircuitBreaker:
             self._metrics.state.labels(self.dependency).set(state)
 
     def _why_open(self) -> str:
-        why = self._open_reason
+        # A tripped circuit has no count of failures in a row, only its failed trials.
+        parts = [self._open_reason] if self._open_reason else []
         if self._reopens:
-            why += f" and {self._reopens} failed trial{'s' if self._reopens > 1 else ''}"
+            parts.append(f"{self._reopens} failed trial{'s' if self._reopens > 1 else ''}")
+        why = " and ".join(parts)
         return f"{why}; last: {self._last_cause}" if why else self._last_cause
 
     def _refuse(self, detail: str, retry_in_s: float) -> NoReturn:

@@ -262,6 +262,13 @@ def _workers(args: argparse.Namespace) -> int:
         reply = router_pb2_grpc.RouterStub(channel).ListWorkers(
             router_pb2.ListWorkersRequest(model=args.model), timeout=10
         )
+    discovery = reply.discovery
+    if reply.HasField("discovery") and not discovery.healthy:
+        print(
+            f"warning: discovery ({discovery.source}, {discovery.target}) is degraded: "
+            f"{discovery.last_error or 'it has not answered yet'}",
+            file=sys.stderr,
+        )
     if not reply.workers:
         print(f"the router at {args.target} knows no workers", file=sys.stderr)
         return 0

@@ -31,7 +31,8 @@ def format_summary(request_id: str, summary: generate_pb2.GenerationSummary) -> 
         f" worker={summary.worker_id or '-'}"
         f" ttft={summary.timings.time_to_first_token_ms:.1f}ms"
         f" total={summary.timings.total_ms:.1f}ms"
-        f" tokens={summary.usage.prompt_tokens}/{summary.usage.completion_tokens}"
+        f" prompt_tokens={summary.usage.prompt_tokens}"
+        f" completion_tokens={summary.usage.completion_tokens}"
         f" finish={finish.removeprefix('FINISH_REASON_').lower()}"
         f" request_id={request_id}"
     )

@@ -106,11 +106,14 @@ class DiscoveryStatus:
     source: str
     #: What it watches, without credentials (Consul: ``<url> service <name>``).
     target: str
-    #: Whether its last query succeeded (a static source always has).
+    #: Whether its last query succeeded and its answer can be trusted (a static source always
+    #: has). Consul answering an empty set under a default-deny ACL policy to a router that sends
+    #: no token is not healthy: ``last_error`` names that likely cause.
     healthy: bool
     #: Why its last query failed ("" if it never failed or has recovered since).
     last_error: str = ""
-    #: The kind of that failure (``unreachable``, ``timeout``, ``permission_denied``...).
+    #: The kind of that failure (``unreachable``, ``timeout``, ``permission_denied``...;
+    #: ``acl_default_deny`` for the empty answer above).
     last_error_kind: str = ""
     #: ``time.time()`` of the last successful query (None: none yet).
     last_success: float | None = None
@@ -231,6 +234,12 @@ class ConsulDiscovery:
     force), the failure is logged once and the recovery once, and queries are retried with
     jittered exponential backoff (``backoff_base`` doubling up to ``backoff_max``).
     :meth:`status` says how it is doing; listeners (:meth:`subscribe`) hear after every query.
+
+    Consul's ACLs filter what a token may not read out of an answer instead of refusing it: under
+    ``acl.default_policy = deny`` an anonymous read of the health endpoint answers ``200 []``
+    (with ``X-Consul-Default-ACL-Policy: deny``). An empty answer with that header to a watch
+    without a token makes the status unhealthy with ``last_error`` naming the likely cause, and
+    is logged as a warning once (until workers appear).
     """
 
     def __init__(
@@ -260,6 +269,7 @@ class ConsulDiscovery:
         self._status = DiscoveryStatus(
             source="consul", target=f"{target.url} service {self.service}", healthy=False
         )
+        self._acl_suspected = False
         self._closed = False
 
     # -- the Discovery protocol -------------------------------------------------------------
@@ -271,7 +281,7 @@ class ConsulDiscovery:
         while True:
             await self._bucket.take()
             try:
-                returned, nodes = await self._query(index)
+                returned, nodes, acl_policy = await self._query(index)
             except ConsulError as exc:
                 self._failed(exc, last)
                 # Start over with a query that does not block: the agent may have restarted
@@ -282,7 +292,7 @@ class ConsulDiscovery:
             index = next_index(index, returned)
             endpoints = self._endpoints(nodes)
             changed = endpoints != last
-            self._succeeded(endpoints, changed)
+            self._succeeded(endpoints, changed, self._acl_problem(endpoints, acl_policy))
             if changed:
                 last = endpoints
                 yield endpoints
@@ -306,8 +316,9 @@ class ConsulDiscovery:
 
     # -- one query --------------------------------------------------------------------------
 
-    async def _query(self, index: int) -> tuple[int, list[dict[str, Any]]]:
-        """One (blocking, if ``index``) health query: (X-Consul-Index, entries)."""
+    async def _query(self, index: int) -> tuple[int, list[dict[str, Any]], str]:
+        """One (blocking, if ``index``) health query: (X-Consul-Index, entries, the agent's
+        X-Consul-Default-ACL-Policy or "")."""
         if self._closed:
             raise RuntimeError("ConsulDiscovery is closed")
         # Consul answers within wait plus up to wait/16 of jitter; past that, something is wrong.
@@ -317,16 +328,45 @@ class ConsulDiscovery:
             # Its own bound (else aiohttp's 5 minutes) must not cut a blocking query short.
             self._client = open_client(self.target, timeout_s=blocking_limit + 5.0)
         limit = blocking_limit if index else 10.0
+        import consul.callback
+
+        client = self._client
+        headers: dict[str, str] = {}
+
+        def read(response: Any) -> Any:
+            # py-consul's health.service() drops the headers; this is its callback plus them.
+            headers.update(response.headers)
+            return consul.callback.CB.json(index=True)(response)
+
+        params: list[tuple[str, str]] = []
+        if index:
+            params += [("index", str(index)), ("wait", _duration(self._wait))]
+        params.append(("passing", "1"))
+        if client.dc:
+            params.append(("dc", client.dc))
         with consul_errors(self.target):
             async with asyncio.timeout(limit):
-                returned, nodes = await self._client.health.service(
-                    self.service,
-                    index=str(index) if index else None,
-                    wait=_duration(self._wait),
-                    passing=True,
+                returned, nodes = await client.http.get(
+                    read,
+                    f"/v1/health/service/{self.service}",
+                    params=params,
+                    headers=client.prepare_headers(None),
                 )
             entries = [entry for entry in nodes or [] if isinstance(entry, dict)]
-            return int(returned), entries
+            return int(returned), entries, headers.get("X-Consul-Default-ACL-Policy", "")
+
+    def _acl_problem(self, endpoints: frozenset[Endpoint], acl_policy: str) -> str:
+        """Why an answer is likely wrong ("" when it is not suspect): an empty set from an agent
+        whose ACL default policy is deny, asked without a token."""
+        if endpoints or acl_policy.lower() != "deny" or self.target.token:
+            return ""
+        return (
+            f"Consul at {self.target.url} lists no passing instance of {self.service!r}, its ACL "
+            "default policy is deny and this router sends no ACL token: the anonymous token "
+            "likely may not read the service, and Consul filters it out. Give the router a token "
+            f"with service:read on {self.service!r} and node:read (--consul-token, "
+            "LLMMESH_CONSUL_TOKEN, CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE)"
+        )
 
     def _endpoints(self, nodes: list[dict[str, Any]]) -> frozenset[Endpoint]:
         """The endpoints of Consul's health entries (Service.Address, else Node.Address)."""
@@ -379,9 +419,24 @@ class ConsulDiscovery:
             )
         )
 
-    def _succeeded(self, endpoints: frozenset[Endpoint], changed: bool) -> None:
+    def _succeeded(self, endpoints: frozenset[Endpoint], changed: bool, problem: str) -> None:
         previous = self._status
         now = time.time()
+        if problem and not self._acl_suspected:
+            log.warning(
+                "consul answers no workers, probably for want of an ACL token",
+                consul=self.target.url,
+                service=self.service,
+                acl_default_policy="deny",
+                token=False,
+                problem=problem,
+            )
+        elif not problem and self._acl_suspected:
+            log.info(
+                "consul lists workers again", consul=self.target.url, service=self.service,
+                workers=len(endpoints),
+            )  # fmt: skip
+        self._acl_suspected = bool(problem)
         if previous.consecutive_failures:
             log.info(
                 "consul available again",
@@ -401,9 +456,9 @@ class ConsulDiscovery:
         self._set(
             replace(
                 previous,
-                healthy=True,
-                last_error="",
-                last_error_kind="",
+                healthy=not problem,
+                last_error=problem,
+                last_error_kind="acl_default_deny" if problem else "",
                 last_success=now,
                 last_change=now if changed else previous.last_change,
                 consecutive_failures=0,

@@ -4,6 +4,8 @@
 
     MeshError                       INTERNAL (a bug or an unexpected engine failure)
     ├── InvalidArgument             INVALID_ARGUMENT   the message names the field
+    ├── RequestFailed               INTERNAL, or INVALID_ARGUMENT: the engine failed or refused
+    │                                                  this one request; the worker is fine
     ├── NotFound                    NOT_FOUND          unknown model, only-if-cached miss
     ├── Unavailable                 UNAVAILABLE        no healthy worker, engine failed, draining
     ├── ResourceExhausted           RESOURCE_EXHAUSTED queue full, message too large
@@ -53,6 +55,23 @@ class InvalidArgument(MeshError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+class RequestFailed(MeshError):
+    """The engine failed this one request, not the worker: TensorRT-LLM's ``RequestError``, a
+    Triton error response for the request. INTERNAL, or INVALID_ARGUMENT (``invalid``) when the
+    engine refused the request's input. The message carries the engine's.
+
+    The worker stays SERVING and a router neither retries the request nor counts it against the
+    worker (router/_dispatch.py): another worker would most likely fail it the same way, and one
+    bad request must not take a healthy worker out of rotation. An engine that is *down* raises
+    :class:`worker.engines.EngineError` instead, which makes the worker UNAVAILABLE.
+    """
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        super().__init__(message)
+        if invalid:
+            self.code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class NotFound(MeshError):
@@ -144,6 +163,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, *, peer: str = "") -> MeshError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         error = MeshError(details)
         error.code = grpc.StatusCode.INVALID_ARGUMENT
+    elif code == grpc.StatusCode.INTERNAL:
+        # The other service failed this request (a worker's RequestFailed, or a bug it logged):
+        # passed on as it is, without the peer's address (internal addresses are for logs).
+        error = RequestFailed(details)
     elif (cls := _BY_CODE.get(code)) is not None:
         error = cls(f"{peer}: {details}" if peer and cls is Unavailable else details)
     else:

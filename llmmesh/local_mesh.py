@@ -47,6 +47,8 @@ from llmmesh.server import free_port, write_json_atomically
 from llmmesh.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 TRY_TIMEOUT_S = 30.0
+#: --try asks for a short answer: it is printed twice (generated, then from the cache).
+TRY_MAX_TOKENS = 32
 _LOG_TAIL_LINES = 20
 
 
@@ -607,14 +609,17 @@ class LocalMesh:
 
     async def _try(self, prompt: str) -> None:
         """Ask ``prompt`` twice as ``llm-mesh generate`` would, printing what a user would see."""
-        cmd = f"{_command_name()} generate {shlex.quote(prompt)} --target {self.target}"
+        cmd = (
+            f"{_command_name()} generate {shlex.quote(prompt)} --target {self.target}"
+            f" --max-tokens {TRY_MAX_TOKENS}"
+        )
         await asyncio.to_thread(self._ask_twice, prompt, cmd)
 
     def _ask_twice(self, prompt: str, cmd: str) -> None:
         request = generate_pb2.GenerateRequest(
             model=self.config.model,
             prompt=prompt,
-            sampling=generate_pb2.SamplingParams(temperature=0.0),
+            sampling=generate_pb2.SamplingParams(temperature=0.0, max_tokens=TRY_MAX_TOKENS),
         )
         with grpc.insecure_channel(self.target) as channel:
             stub = router_pb2_grpc.RouterStub(channel)

@@ -4,7 +4,8 @@ A service provides a :class:`ServiceApp` (its servicers plus start, drain and cl
 :class:`ServerSettings`; :class:`ServiceRunner` does the rest, the same way for all three:
 
 1. binds a ``grpc.aio`` server (message size limits, no ``SO_REUSEPORT`` so a taken port is an
-   error) with ``grpc.health.v1.Health`` and server reflection;
+   error) with ``grpc.health.v1.Health`` and server reflection; a request whose bytes do not
+   parse gets ``INVALID_ARGUMENT`` (llmmesh/malformed_requests.py);
 2. starts Prometheus metrics over HTTP on their own port;
 3. calls ``app.start()``, then reports SERVING and writes the ready file, if asked;
 4. on SIGTERM or SIGINT: reports NOT_SERVING, calls ``app.drain()``, stops accepting new RPCs,
@@ -36,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmmesh import logs, settings, tracing
+from llmmesh.malformed_requests import MalformedRequestGuard
 
 log = structlog.get_logger(__name__)
 
@@ -175,8 +177,12 @@ class ServiceRunner:
         s = self.settings
         server = grpc.aio.server(options=grpc_server_options(s.max_message_bytes))
         self._server = server
-        self.app.add_to_server(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+
+        def add_servicers(server: grpc.aio.Server) -> None:
+            self.app.add_to_server(server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+
+        MalformedRequestGuard.register(server, add_servicers)
         reflection.enable_server_reflection(
             [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

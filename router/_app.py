@@ -49,6 +49,7 @@ class RouterApp:
             eject_after_failures=config.eject_after_failures,
             eject_cooldown=config.eject_cooldown,
             eject_cooldown_max=config.eject_cooldown_max,
+            discovery_grace=config.discovery_grace,
         )
         self.service = RouterService(
             self.pool,

@@ -120,10 +120,20 @@ class RouterConfig(ServerSettings, ConsulSettings):
             "until reports resume (reports are asked for 4 times as often)"
         },
     )
+    discovery_grace: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata={
+            "help": "a worker that discovery drops while its own load stream is live and says it "
+            "serves stays routable this long (logged, counted), so that a Consul answer that "
+            "contradicts the workers (e.g. every TTL check critical after an outage) does not "
+            "empty the routing table; it leaves at once when its stream ends or says it drains; "
+            "0 drops it at once"
+        },
+    )
     eject_after_failures: int = field(
         default=3,
         metadata={
-            "help": "consecutive failed calls (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS) that "
+            "help": "consecutive failed calls (UNAVAILABLE, UNKNOWN, DATA_LOSS) that "
             "eject a worker for a cool-down; 0 never ejects"
         },
     )
@@ -203,6 +213,8 @@ class RouterConfig(ServerSettings, ConsulSettings):
             raise ValueError(f"max_attempts: must be >= 1 (got {self.max_attempts})")
         if self.load_stale_after <= timedelta(0):
             raise ValueError("load_stale_after: must be > 0")
+        if self.discovery_grace < timedelta(0):
+            raise ValueError("discovery_grace: must be >= 0")
         if self.eject_after_failures < 0:
             raise ValueError(
                 f"eject_after_failures: must be >= 0 (got {self.eject_after_failures})"

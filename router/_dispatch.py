@@ -8,6 +8,12 @@ jittered, within the deadline); never after. A worker that refuses the request a
 router took its slot first) sends it back to the head of the admission queue. Each attempt's
 outcome is told to its :class:`router._pool.Lease`, which counts a worker's failures towards its
 ejection (:data:`_FAILURES`).
+
+A worker's INTERNAL or INVALID_ARGUMENT is that request's own failure (the engine failed or
+refused this one request: :class:`llmmesh.errors.RequestFailed` on the worker): the caller gets
+it as it is, it is not retried, and it counts as the worker's answer, not its failure. Only a
+worker that seems gone or broken (UNAVAILABLE: its engine is down, it drains, the connection is
+lost) is marked unavailable and counted towards ejection.
 """
 
 from __future__ import annotations
@@ -35,17 +41,18 @@ from router._rpc_scope import Context, RpcScope
 log = structlog.get_logger(__name__)
 
 #: Worker statuses after which a request that has not produced a token goes to another worker:
-#: the worker is gone, draining or full. An INTERNAL error may be the request's own doing, and
-#: DEADLINE_EXCEEDED leaves no time, so neither is retried.
+#: the worker is gone, draining or full. An INTERNAL error is the request's own failure (another
+#: worker would fail it the same way), and DEADLINE_EXCEEDED leaves no time, so neither is retried.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 #: Worker statuses that count as the worker's failure towards ejection: it is gone, broken or
 #: failing. RESOURCE_EXHAUSTED (full: a load matter, retried elsewhere), and CANCELLED and
 #: DEADLINE_EXCEEDED (the caller's doing) are not failures; neither are the statuses by which a
-#: working worker refuses a request (INVALID_ARGUMENT...), which count as answers.
+#: working worker fails or refuses one request (INTERNAL: its engine failed that request alone;
+#: INVALID_ARGUMENT...), which count as answers: one bad request must not take a healthy worker
+#: out of rotation.
 _FAILURES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.DATA_LOSS,
     }
@@ -274,7 +281,7 @@ class Dispatcher:
             raise self._worker_error(lease, exc) from None
         if not finished:
             lease.failed("stream ended without a summary")
-            raise errors.Unavailable(f"{worker.describe()} ended the stream without a summary")
+            raise errors.Unavailable(f"{_named(worker)} ended the stream without a summary")
         lease.succeeded()
 
     def _worker_error(self, lease: Lease, exc: grpc.aio.AioRpcError) -> errors.MeshError:
@@ -282,7 +289,7 @@ class Dispatcher:
         traffic until it answers again, and its failures count towards ejection."""
         worker = lease.worker
         if errors.is_busy(exc):
-            return errors.Busy(f"{worker.describe()}: {exc.details()}")
+            return errors.Busy(f"{_named(worker)}: {exc.details()}")
         reason = f"{exc.code().name}: {exc.details()}"
         if exc.code() in _FAILURES:
             lease.failed(reason)
@@ -296,7 +303,13 @@ class Dispatcher:
             code=exc.code().name,
             details=exc.details(),
         )
-        return errors.from_rpc_error(exc, peer=worker.describe())
+        return errors.from_rpc_error(exc, peer=_named(worker))
+
+
+def _named(worker: Worker) -> str:
+    """How a message to the caller names a worker: by id, never by address (internal addresses
+    are for logs, which use :meth:`Worker.describe`)."""
+    return f"worker {worker.worker_id}" if worker.worker_id else "a worker"
 
 
 def _attempt_span(method: str, attempts: Attempts, worker: Worker) -> tracing.Span:

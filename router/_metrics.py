@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.breaker import BreakerMetrics
 from llmmesh.discovery import DiscoveryStatus
+from llmmesh.malformed_requests import malformed_requests_metric
 
 # The first token comes in a millisecond (a cache hit) to a minute (a long prompt behind a queue);
 # a whole answer takes up to ten minutes.
@@ -55,6 +56,8 @@ CACHE_STORES = Counter(
 )
 #: The cache's circuit breaker: llmmesh_router_circuit_{state,short_circuited_total,opened_total}.
 CIRCUIT = BreakerMetrics.create("router")
+#: Requests whose bytes do not parse (llmmesh/malformed_requests.py).
+MALFORMED_REQUESTS = malformed_requests_metric("router", ["llmmesh.v1.Router"])
 WORKER_IN_FLIGHT = Gauge(
     "llmmesh_router_worker_in_flight",
     "Requests this router has in flight on each worker in the routing table.",
@@ -93,6 +96,17 @@ DISCOVERY_LAST_CHANGE = Gauge(
     "llmmesh_router_discovery_last_change_timestamp_seconds",
     "Unix time when the discovered set of workers last changed.",
     ["source"],
+)
+DISCOVERY_GRACE = Counter(
+    "llmmesh_router_discovery_grace_total",
+    "Workers kept routable for --discovery-grace after discovery dropped them, because their own"
+    " load stream was live and said they serve (e.g. Consul back from an outage with every TTL"
+    " check still critical).",
+)
+WORKERS_IN_GRACE = Gauge(
+    "llmmesh_router_workers_in_discovery_grace",
+    "Workers in the routing table that discovery no longer lists but that are kept routable on"
+    " their own load stream's word, for at most --discovery-grace.",
 )
 STALE_REPORTS = Counter(
     "llmmesh_router_worker_reports_stale_total",

@@ -39,6 +39,16 @@ until it answers GetInfo, whose answer is authoritative; a worker whose model th
 routed to only once GetInfo confirms it. A worker that leaves the discovery set leaves the table
 at once; the requests still on it finish on its channel, which is closed after them.
 
+**Discovery grace.** Discovery can contradict what the router sees directly: when Consul comes
+back from an outage longer than the workers' TTL, their checks are critical for a moment and the
+passing set may be empty. A worker that discovery drops while its own load stream is live (a
+fresh report), says it serves, and it answered GetInfo, stays routable for ``discovery_grace``
+(as Envoy's healthy-panic threshold keeps routing when most hosts look unhealthy at once); this
+is logged once per worker and counted (``llmmesh_router_discovery_grace_total``). It leaves as
+before when its stream ends or goes stale, reports ``serving=false`` (a worker that drains
+leaves Consul and says so on its stream), stops answering, or its grace runs out; discovery
+listing it again ends the grace. A grace of 0 turns this off.
+
 Metrics cost nothing per request: the workers-by-state gauge and each worker's in-flight and load
 score gauges read the table when Prometheus scrapes (from the metrics server's thread). A worker's
 series appear once it has answered GetInfo (they are labelled by its id) and go when it leaves.
@@ -130,6 +140,11 @@ class Worker:
         self.load_task: asyncio.Task[None] | None = None
         #: Fires when its last report turns stale, to say so once.
         self.stale_timer: asyncio.TimerHandle | None = None
+        #: time.monotonic() when its discovery grace ends: discovery dropped it while its own
+        #: load stream was live and serving (None: discovery lists it).
+        self.grace_until: float | None = None
+        #: Ends that grace.
+        self.grace_timer: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> WorkerState:
@@ -267,6 +282,7 @@ class WorkerPool:
         eject_after_failures: int = 3,
         eject_cooldown: timedelta = timedelta(seconds=5),
         eject_cooldown_max: timedelta = timedelta(minutes=1),
+        discovery_grace: timedelta = timedelta(seconds=30),
         rng: random.Random | None = None,
     ) -> None:
         self._discovery = discovery
@@ -279,6 +295,7 @@ class WorkerPool:
         self._eject_after_failures = eject_after_failures
         self._eject_cooldown = eject_cooldown.total_seconds()
         self._eject_cooldown_max = eject_cooldown_max.total_seconds()
+        self._discovery_grace = discovery_grace.total_seconds()
         self._rng = rng or random.Random()
         self._listeners: list[Callable[[str], None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
@@ -305,6 +322,9 @@ class WorkerPool:
             metrics.WORKERS.labels(state.name.lower()).set_function(
                 lambda state=state: self._count(state)  # type: ignore[misc]
             )
+        metrics.WORKERS_IN_GRACE.set_function(
+            lambda: sum(1 for w in list(self._workers.values()) if w.grace_until is not None)
+        )
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until discovery gave its first set and every worker was probed once (or failed to
@@ -328,8 +348,9 @@ class WorkerPool:
         for timer in self._timers:
             timer.cancel()
         for worker in self._workers.values():
-            if worker.stale_timer is not None:
-                worker.stale_timer.cancel()
+            for handle in (worker.stale_timer, worker.grace_timer):
+                if handle is not None:
+                    handle.cancel()
         channels = [w.channel for w in self._workers.values()] + self._retired
         for worker in self._workers.values():
             if worker.worker_id:
@@ -487,13 +508,72 @@ class WorkerPool:
     def _apply(self, endpoints: frozenset[Endpoint]) -> None:
         by_address = {e.address: e for e in endpoints}
         for address in [a for a in self._workers if a not in by_address]:
-            self._remove(address)
+            dropped = self._workers[address]
+            if dropped.grace_until is not None:
+                continue  # already kept on its own word
+            if self._discovery_grace > 0 and self._serves_by_its_own_word(dropped):
+                self._start_grace(dropped, listed=len(by_address))
+            else:
+                self._remove(address)
         for address, endpoint in by_address.items():
             worker = self._workers.get(address)
             if worker is None:
                 self._add(endpoint)
             else:
                 worker.endpoint = endpoint
+                if worker.grace_until is not None:
+                    self._cancel_grace(worker)
+                    log.info("discovery lists the worker again", worker=worker.describe())
+
+    @staticmethod
+    def _serves_by_its_own_word(worker: Worker) -> bool:
+        """Its load stream is live (a fresh report) and says it serves, and it answers GetInfo."""
+        report = worker.report
+        return (
+            worker.health is WorkerState.HEALTHY
+            and report is not None
+            and report.serving
+            and not worker.draining
+            and not worker.report_stale()
+        )
+
+    def _start_grace(self, worker: Worker, *, listed: int) -> None:
+        worker.grace_until = time.monotonic() + self._discovery_grace
+        worker.grace_timer = asyncio.get_running_loop().call_later(
+            self._discovery_grace, self._end_grace, worker, "its discovery grace ran out"
+        )
+        metrics.DISCOVERY_GRACE.inc()
+        status = self.discovery_status()
+        log.warning(
+            "discovery dropped a worker whose own load stream is live and serving; keeping it "
+            "routable for the grace",
+            worker=worker.describe(),
+            grace_s=self._discovery_grace,
+            discovery_workers=listed,
+            discovery_healthy=None if status is None else status.healthy,
+            discovery_error=None if status is None else status.last_error or None,
+        )
+
+    def _cancel_grace(self, worker: Worker) -> None:
+        worker.grace_until = None
+        if worker.grace_timer is not None:
+            worker.grace_timer.cancel()
+            worker.grace_timer = None
+
+    def _end_grace(self, worker: Worker, reason: str) -> None:
+        """A worker kept on its own word leaves (soon, from outside the task that noticed)."""
+        if self._closed or worker.grace_until is None:
+            return
+        if self._workers.get(worker.address) is not worker:
+            return
+        self._cancel_grace(worker)
+        log.info("worker kept through discovery's grace leaves", worker=worker.describe(),
+                 reason=reason)  # fmt: skip
+        asyncio.get_running_loop().call_soon(self._remove_if_current, worker)
+
+    def _remove_if_current(self, worker: Worker) -> None:
+        if not self._closed and self._workers.get(worker.address) is worker:
+            self._remove(worker.address)
 
     def _add(self, endpoint: Endpoint) -> None:
         channel = grpc.aio.insecure_channel(endpoint.address, options=self._channel_options)
@@ -516,6 +596,7 @@ class WorkerPool:
                 task.cancel()
         if worker.stale_timer is not None:
             worker.stale_timer.cancel()
+        self._cancel_grace(worker)
         if worker.worker_id:
             metrics.forget_worker(worker.worker_id)
         self._spawn(self._retire(worker.channel), name=f"close {address}")
@@ -551,6 +632,7 @@ class WorkerPool:
                     attempt = max(attempt, 16)
             finally:
                 stream.cancel()
+            self._end_grace(worker, "its load stream ended")
             delay = min(self._backoff_max, self._backoff_base * 2**attempt)
             await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
             attempt += 1
@@ -573,6 +655,8 @@ class WorkerPool:
                 "worker draining; no new requests" if worker.draining else "worker serving again",
                 worker=worker.describe(),
             )
+        if worker.draining:
+            self._end_grace(worker, "it reports not serving")
         if was is WorkerState.SUSPECT and worker.state is WorkerState.HEALTHY:
             log.info("worker load reports resumed", worker=worker.describe())
         if worker.stale_timer is not None:
@@ -587,6 +671,7 @@ class WorkerPool:
         worker.stale_timer = None
         if self._closed or self._workers.get(worker.address) is not worker:
             return
+        self._end_grace(worker, "its load reports stopped")
         if worker.state is WorkerState.SUSPECT and worker.health is WorkerState.HEALTHY:
             metrics.STALE_REPORTS.labels(worker.worker_id or worker.address).inc()
             log.warning(
@@ -681,6 +766,7 @@ class WorkerPool:
             )
 
     def _set_suspect(self, worker: Worker, reason: str) -> None:
+        self._end_grace(worker, f"it stopped answering: {reason}")
         if worker.health is WorkerState.HEALTHY:
             worker.health = WorkerState.SUSPECT
             self._changed(worker)

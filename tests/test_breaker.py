@@ -240,6 +240,17 @@ class TestHalfOpen:
         )
         assert h.metric("llmmesh_test_circuit_opened_total") == 1
 
+    def test_a_tripped_circuit_with_failed_trials_says_so_in_words(self) -> None:
+        h = Harness(failures=5, rng=NoJitter())
+        h.breaker.trip(CAUSE)
+        for _ in range(2):
+            h.wait_out_cooldown()
+            h.breaker.failed(h.breaker.acquire(), "still down")
+        detail = h.refused().detail
+        assert detail.startswith("circuit open for "), detail
+        assert detail.endswith(" s after 2 failed trials; last: still down"), detail
+        assert "  " not in detail
+
     def test_closing_resets_the_cooldown_growth(self) -> None:
         h = Harness(failures=1, cooldown=1.0, cooldown_max=8.0)
         h.open()

@@ -497,7 +497,10 @@ class TestRedisStore:
                     await operation()
                 assert time.monotonic() - started < 1.0
                 assert isinstance(raised.value, Unavailable)
-                assert f"redis at redis://127.0.0.1:{redis_server.port}/0" in raised.value.message
+                # The address is for the logs (where), not for callers (message).
+                assert f"127.0.0.1:{redis_server.port}" not in raised.value.message
+                assert raised.value.message.startswith("cache store redis unavailable: ")
+                assert raised.value.where == f"redis://127.0.0.1:{redis_server.port}/0"
 
             restarted = restart_on_same_port(redis_server)
             try:
@@ -550,13 +553,18 @@ class TestRedisStore:
             await store.close()
 
     async def test_errors_never_show_the_password(self) -> None:
-        """The URL in a StoreUnavailable message has its password masked."""
-        store = RedisStore(f"redis://:s3cret@127.0.0.1:{free_port()}/0", timeout=OP_TIMEOUT)
+        """A StoreUnavailable names no address; its ``where`` (for logs) has the password masked."""
+        port = free_port()
+        store = RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0", timeout=OP_TIMEOUT)
         try:
             with pytest.raises(StoreUnavailable) as raised:
                 await store.ping()
             assert "s3cret" not in str(raised.value)
-            assert ":***@127.0.0.1" in raised.value.message
+            assert str(port) not in raised.value.message
+            assert raised.value.message == (
+                "cache store redis unavailable: ping failed: cannot connect (Connection refused)"
+            )
+            assert raised.value.where == f"redis://:***@127.0.0.1:{port}/0"
         finally:
             await store.close()
 

@@ -148,7 +148,8 @@ class TestFormatSummary:
         """A generated answer names the worker, timings, tokens, finish and request id."""
         line = client.format_summary("req-1", _summary())
         assert line == (
-            "[generated] worker=worker-1 ttft=12.3ms total=80.0ms tokens=5/16 finish=length"
+            "[generated] worker=worker-1 ttft=12.3ms total=80.0ms"
+            " prompt_tokens=5 completion_tokens=16 finish=length"
             " request_id=req-1"
         )
 
@@ -265,6 +266,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
         self.requests: list[generate_pb2.GenerateRequest] = []
+        #: What ListWorkers says of discovery (None: nothing).
+        self.discovery: router_pb2.DiscoveryStatus | None = None
 
     def _record(self, request, context) -> None:
         self.requests.append(request)
@@ -298,7 +301,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
             for i in (1, 2)
         ]
         return router_pb2.ListWorkersResponse(
-            workers=[w for w in workers if request.model in ("", w.model)]
+            workers=[w for w in workers if request.model in ("", w.model)],
+            discovery=self.discovery,
         )
 
 
@@ -330,7 +334,8 @@ class TestGenerate:
         out, err = capsys.readouterr()
         assert out == "echo: hello\n"
         assert err == (
-            "[cached] worker=worker-1 ttft=12.3ms total=80.0ms tokens=5/16 finish=length"
+            "[cached] worker=worker-1 ttft=12.3ms total=80.0ms"
+            " prompt_tokens=5 completion_tokens=16 finish=length"
             " request_id=assigned-1\n"
         )
         assert router.requests[0].sampling.temperature == 0.0
@@ -389,3 +394,25 @@ class TestWorkers:
         assert out == ""
         assert err == f"the router at {target} knows no workers\n"
         assert router.requests[-1].model == "none"
+
+    async def test_degraded_discovery_is_said_with_its_cause(self, fake_router, capsys):
+        """Discovery that is not healthy is named, with why, before the table."""
+        router, target = fake_router
+        router.discovery = router_pb2.DiscoveryStatus(
+            source="consul",
+            target="http://127.0.0.1:8500 service llm-worker",
+            healthy=False,
+            last_error="its ACL default policy is deny and this router sends no ACL token",
+        )
+        assert await _main("workers", "--model", "none", "--target", target) == 0
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == (
+            "warning: discovery (consul, http://127.0.0.1:8500 service llm-worker) is degraded: "
+            "its ACL default policy is deny and this router sends no ACL token"
+        )
+
+    async def test_healthy_discovery_says_nothing(self, fake_router, capsys):
+        router, target = fake_router
+        router.discovery = router_pb2.DiscoveryStatus(source="consul", healthy=True)
+        assert await _main("workers", "--target", target) == 0
+        assert capsys.readouterr().err == ""

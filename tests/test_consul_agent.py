@@ -496,6 +496,28 @@ class TestBlockingQueries:
 class TestAcl:
     """With an ACL token configured, requests without it are refused."""
 
+    async def test_default_policy_header_on_every_response(self) -> None:
+        async with ConsulAgent() as open_agent, ConsulAgent(acl_token=TOKEN) as acl_agent:
+            _, _, headers = await http(open_agent, "GET", f"/v1/health/service/{SERVICE}")
+            assert headers["X-Consul-Default-ACL-Policy"] == "allow"
+            status, _, headers = await http(acl_agent, "GET", f"/v1/health/service/{SERVICE}")
+            assert (status, headers["X-Consul-Default-ACL-Policy"]) == (403, "deny")
+
+    async def test_filtered_anonymous_reads_answer_an_empty_list(self) -> None:
+        """As Consul does: a read the anonymous token may not make is filtered, not refused."""
+        async with (
+            ConsulAgent(acl_token=TOKEN, anonymous_reads="filter") as agent,
+            open_client(agent, token=TOKEN) as trusted,
+        ):
+            await register(trusted, "w1")
+            assert await trusted.agent.check.ttl_pass("service:w1")
+            status, text, headers = await http(
+                agent, "GET", f"/v1/health/service/{SERVICE}?passing=1"
+            )
+            assert (status, json.loads(text)) == (200, [])
+            assert headers["X-Consul-Default-ACL-Policy"] == "deny"
+            assert ids((await health(trusted, passing=True))[1]) == ["w1"]
+
     async def test_requests_need_the_token(self) -> None:
         async with (
             ConsulAgent(acl_token=TOKEN) as agent,

@@ -396,6 +396,37 @@ class TestAclToken:
         assert logs
         assert not any("s3cret-token" in repr(entry) for entry in logs)
 
+    async def test_default_deny_without_a_token_is_degraded_and_said_once(self) -> None:
+        """Consul filters what the anonymous token may not read: 200 [] with
+        X-Consul-Default-ACL-Policy: deny. That is no healthy answer, and the cause is named."""
+        async with ConsulAgent(acl_token="the-token", anonymous_reads="filter") as agent:
+            registry = Registry(agent, token="the-token")
+            try:
+                await registry.register("w1", 7001)
+                with structlog.testing.capture_logs() as logs:
+                    async with watching(agent, wait=timedelta(milliseconds=50)) as watcher:
+                        assert await watcher.next_addresses() == set()
+                        await assert_eventually(lambda: len(watcher.statuses) >= 4, timeout=5)
+                        status = watcher.discovery.status()
+            finally:
+                await registry.close()
+        assert (status.healthy, status.last_error_kind) == (False, "acl_default_deny")
+        assert "no ACL token" in status.last_error
+        assert "default policy is deny" in status.last_error
+        assert status.consecutive_failures == 0  # Consul did answer
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert [e["event"] for e in warnings] == [
+            "consul answers no workers, probably for want of an ACL token"
+        ]
+
+    async def test_default_deny_with_a_token_is_healthy(self) -> None:
+        async with (
+            ConsulAgent(acl_token="the-token", anonymous_reads="filter") as agent,
+            watching(agent, token="the-token") as watcher,
+        ):
+            assert await watcher.next_addresses() == set()
+            assert watcher.discovery.status().healthy
+
     async def test_wrong_token_is_denied_and_never_logged(self) -> None:
         async with ConsulAgent(acl_token="right-token") as agent:
             with structlog.testing.capture_logs() as logs:
@@ -540,7 +571,9 @@ class TestRouterWithConsul:
     async def test_worker_leaving_consul_leaves_the_table_at_once(
         self, agent: ConsulAgent, registry: Registry
     ) -> None:
-        """Its in-flight request finishes; new ones go to the other worker."""
+        """A worker that drains leaves Consul and says so on its load stream: it leaves the
+        table at once (no discovery grace); its in-flight request finishes; new ones go to the
+        other worker."""
         a, b = FakeWorker("a"), FakeWorker("b")
         a.gate = asyncio.Event()
         async with FakeServer.for_worker(a) as server_a, FakeServer.for_worker(b) as server_b:
@@ -550,6 +583,8 @@ class TestRouterWithConsul:
                 await assert_eventually(lambda: a.active == 1, timeout=5)
                 await registry.register("b", server_b.port)
                 await registry.deregister("a")
+                a.serving = False
+                a.load_changed()
 
                 async def only_b() -> bool:
                     return [w.worker_id for w in (await table(stub)).workers] == ["b"]
@@ -589,6 +624,25 @@ class TestRouterWithConsul:
             assert info.value.details() == (
                 "no healthy worker serves model 'm1'; the worker registry (consul) is unreachable"
             )
+
+    async def test_default_deny_without_a_token_in_the_table(self) -> None:
+        async with ConsulAgent(acl_token="the-token", anonymous_reads="filter") as agent:
+            registry = Registry(agent, token="the-token")
+            try:
+                await registry.register("w1", free_port())
+                async with consul_router(agent) as stub:
+
+                    async def answered() -> bool:
+                        return (await table(stub)).discovery.seconds_since_last_success >= 0
+
+                    await assert_eventually(answered, timeout=5)
+                    reply = await table(stub)
+            finally:
+                await registry.close()
+        assert not reply.workers
+        assert not reply.discovery.healthy
+        assert "no ACL token" in reply.discovery.last_error
+        assert "default policy is deny" in reply.discovery.last_error
 
     async def test_static_discovery_status(self) -> None:
         worker = FakeWorker("w1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from llmmesh import local_mesh
-from llmmesh.local_mesh import Child, MeshConfig, MeshFailed
+from llmmesh.local_mesh import TRY_MAX_TOKENS, Child, MeshConfig, MeshFailed
 from tests.harness import ROOT, assert_eventually
 
 PROMPT = "What is a KV cache?"
@@ -268,7 +269,8 @@ class TestUp:
         assert code == 0, err
         assert out.strip()
         assert err.startswith("[generated] worker=worker-")
-        assert " tokens=" in err
+        assert " prompt_tokens=" in err
+        assert " completion_tokens=" in err
 
         # the same deterministic request again comes from the cache (stored after the answer)
         code, answer, err = await mesh.cli("generate", "What is continuous batching?")
@@ -300,6 +302,11 @@ class TestUp:
         assert "[generated] worker=worker-" in stdout
         assert "[cached] worker=worker-" in stdout
         assert stdout.index("[generated]") < stdout.index("[cached]")
+        # a short answer, and the command shown asks for the same
+        assert f"--max-tokens {TRY_MAX_TOKENS}" in stdout
+        completions = [int(n) for n in re.findall(r" completion_tokens=(\d+)", stdout)]
+        assert len(completions) == 2, stdout
+        assert all(0 < n <= TRY_MAX_TOKENS for n in completions), completions
 
         # SIGINT: everything stops, exit 0, no child left
         pids = mesh.pids()

@@ -18,6 +18,7 @@ import asyncio
 import math
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 
 import grpc
 import grpc.aio
@@ -369,7 +370,8 @@ class TestPerWorkerSeries:
         b = FakeWorker("metrics-b", capacity=4)
         a.kv_cache_used_fraction = 0.5
         discovery = ChangingDiscovery()
-        pool = WorkerPool(discovery, eject_after_failures=1)
+        # No discovery grace: a worker that discovery drops leaves the table at once.
+        pool = WorkerPool(discovery, eject_after_failures=1, discovery_grace=timedelta(0))
         async with FakeServer.for_worker(a) as server_a, FakeServer.for_worker(b) as server_b:
             discovery.publish(server_a.address, server_b.address)
             await pool.start()

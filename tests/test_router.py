@@ -457,7 +457,9 @@ class TestDeadlinesAndCancellation:
         [
             (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DEADLINE_EXCEEDED),
             (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-            (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE),
+            # The request's own failure (its engine failed it alone): passed on as it is.
+            (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL),
+            (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE),
         ],
     )
     @pytest.mark.parametrize("streaming", [False, True])
@@ -475,6 +477,28 @@ class TestDeadlinesAndCancellation:
         assert info.value.code() == expected
         assert "Traceback" not in (info.value.details() or "")
         assert router.app.pool.workers()[0].in_flight == 0
+
+    @pytest.mark.parametrize("streaming", [False, True])
+    async def test_a_requests_own_failure_leaves_the_worker_in_rotation(
+        self, router: Router, worker: FakeWorker, streaming: bool
+    ) -> None:
+        """INTERNAL from a worker is that request's failure: passed on, not retried, not
+        counted against the worker, which takes the next request at once."""
+        await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 1)
+        worker.fail_with = grpc.StatusCode.INTERNAL
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate(router, request(), streaming=streaming)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert info.value.details() == "fake worker fails with INTERNAL"
+        assert len(worker.requests) == 1
+        [pooled] = router.app.pool.workers()
+        assert (pooled.consecutive_failures, pooled.last_error) == (0, "")
+        worker.fail_with = None
+        assert await generate(router, request(), streaming=streaming) == worker.answer(
+            "hello there"
+        )
+        [status] = await router.workers()
+        assert status.state == HEALTHY
 
     async def test_worker_unavailable_names_it_and_marks_it_suspect(
         self, router: Router, worker: FakeWorker
@@ -754,7 +778,10 @@ class TestDiscoveryChanges:
         discovery = ChangingDiscovery()
         async with serving(a, b) as (server_a, server_b):
             discovery.publish(server_a.address)
-            async with running_router(["unused:1"], discovery=discovery) as router:
+            # Without a discovery grace a dropped worker leaves at once, serving or not.
+            async with running_router(
+                ["unused:1"], discovery=discovery, discovery_grace=timedelta(0)
+            ) as router:
                 assert [w.worker_id for w in await router.workers()] == ["a"]
                 discovery.publish(server_a.address, server_b.address)
                 await assert_eventually(_state_is(router, server_b.address, HEALTHY), timeout=5)
@@ -769,6 +796,129 @@ class TestDiscoveryChanges:
                     assert response.summary.worker_id == "b"
             assert discovery.closed
         assert len(a.requests) == 0
+
+
+class TestDiscoveryGrace:
+    """A worker that discovery drops while its own load stream is live and serving stays
+    routable for --discovery-grace (logged once, counted); it leaves when the grace runs out,
+    its stream ends, or it says it no longer serves."""
+
+    GRACE_EVENT = (
+        "discovery dropped a worker whose own load stream is live and serving; keeping it "
+        "routable for the grace"
+    )
+
+    @staticmethod
+    async def addresses(router: Router) -> set[str]:
+        return {w.address for w in await router.workers()}
+
+    @staticmethod
+    async def until_healthy(router: Router, *addresses: str) -> None:
+        """Every one of ``addresses`` is HEALTHY and has sent a load report."""
+        for address in addresses:
+            await assert_eventually(_state_is(router, address, HEALTHY), timeout=5)
+        await asyncio.sleep(0.1)  # a load report from each
+
+    async def test_an_empty_passing_set_keeps_live_workers_for_the_grace(self) -> None:
+        a, b = FakeWorker("a"), FakeWorker("b")
+        discovery = ChangingDiscovery()
+        async with serving(a, b) as (server_a, server_b):
+            discovery.publish(server_a.address, server_b.address)
+            async with running_router(
+                ["unused:1"], discovery=discovery, discovery_grace=timedelta(seconds=1.5)
+            ) as router:
+                await self.until_healthy(router, server_a.address, server_b.address)
+                await assert_eventually(lambda: a.watch_calls > 0 and b.watch_calls > 0, timeout=5)
+                before = metric("llmmesh_router_discovery_grace_total")
+                with structlog.testing.capture_logs() as logs:
+                    discovery.publish()  # e.g. Consul back from an outage, every check critical
+                    discovery.publish()  # a second empty answer changes nothing
+                    await asyncio.sleep(0.2)
+                    served = {
+                        (await router.stub.Generate(request(f"p{i}"), timeout=5)).summary.worker_id
+                        for i in range(8)
+                    }
+                    assert served == {"a", "b"}
+                    assert await self.addresses(router) == {server_a.address, server_b.address}
+                    assert metric("llmmesh_router_discovery_grace_total") - before == 2
+                    assert metric("llmmesh_router_workers_in_discovery_grace") == 2
+                    graced = [e for e in logs if e["event"] == self.GRACE_EVENT]
+                    assert len(graced) == 2  # once per worker
+                    assert graced[0]["log_level"] == "warning"
+                    assert graced[0]["grace_s"] == 1.5
+
+                    async def table_empty() -> bool:
+                        return not await self.addresses(router)
+
+                    await assert_eventually(table_empty, timeout=5)  # the grace ran out
+                assert metric("llmmesh_router_workers_in_discovery_grace") == 0
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await router.stub.Generate(request(), timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def test_listed_again_ends_the_grace(self) -> None:
+        a = FakeWorker("a")
+        discovery = ChangingDiscovery()
+        async with serving(a) as (server_a,):
+            discovery.publish(server_a.address)
+            async with running_router(
+                ["unused:1"], discovery=discovery, discovery_grace=timedelta(seconds=0.5)
+            ) as router:
+                await self.until_healthy(router, server_a.address)
+                discovery.publish()
+                await asyncio.sleep(0.1)
+                discovery.publish(server_a.address)
+                await asyncio.sleep(1.0)  # past the grace: it stays, listed again
+                assert await self.addresses(router) == {server_a.address}
+                assert metric("llmmesh_router_workers_in_discovery_grace") == 0
+
+    async def test_a_worker_that_stops_serving_or_whose_stream_ends_leaves_at_once(
+        self,
+    ) -> None:
+        a, b = FakeWorker("a"), FakeWorker("b")
+        discovery = ChangingDiscovery()
+        async with serving(a, b) as (server_a, server_b):
+            discovery.publish(server_a.address, server_b.address)
+            async with running_router(
+                ["unused:1"], discovery=discovery, discovery_grace=timedelta(seconds=30)
+            ) as router:
+                await self.until_healthy(router, server_a.address, server_b.address)
+                discovery.publish()
+                await asyncio.sleep(0.1)
+                assert await self.addresses(router) == {server_a.address, server_b.address}
+                a.serving = False  # it drains: its stream says so
+                a.load_changed()
+
+                async def only(address: str) -> Any:
+                    async def check() -> bool:
+                        return await self.addresses(router) == {address}
+
+                    return check
+
+                await assert_eventually(await only(server_b.address), timeout=3)
+                await server_b.stop()  # its stream ends
+
+                async def table_empty() -> bool:
+                    return not await self.addresses(router)
+
+                await assert_eventually(table_empty, timeout=3)
+
+    async def test_a_worker_that_never_reported_leaves_at_once(self) -> None:
+        a = FakeWorker("a")
+        a.reporting = False
+        discovery = ChangingDiscovery()
+        async with serving(a) as (server_a,):
+            discovery.publish(server_a.address)
+            async with running_router(
+                ["unused:1"], discovery=discovery, discovery_grace=timedelta(seconds=30)
+            ) as router:
+                await assert_eventually(_state_is(router, server_a.address, HEALTHY), timeout=5)
+                discovery.publish()
+
+                async def table_empty() -> bool:
+                    return not await self.addresses(router)
+
+                await assert_eventually(table_empty, timeout=3)
 
 
 def _state_is(router: Router, address: str, state: int) -> Any:
@@ -810,6 +960,7 @@ class TestConfig:
         assert config.policy == "least-loaded"
         assert config.discovery == "static"
         assert config.limits.max_tokens_limit == 4096
+        assert config.discovery_grace == timedelta(seconds=30)
 
     def test_flags_and_environment(self) -> None:
         config = load_config(
@@ -830,6 +981,7 @@ class TestConfig:
             ({"cache_address": "x"}, "cache_address"),
             ({"cache_timeout": timedelta(0)}, "cache_timeout"),
             ({"default_max_tokens": 10, "max_tokens_limit": 5}, "default_max_tokens"),
+            ({"discovery_grace": timedelta(seconds=-1)}, "discovery_grace"),
         ],
     )
     def test_rejected(self, overrides: dict[str, Any], problem: str) -> None:

@@ -255,7 +255,7 @@ class TestEjection:
 
     async def test_eject_probe_and_return(self) -> None:
         bad, good = FakeWorker("bad"), FakeWorker("good")
-        bad.fail_with = grpc.StatusCode.INTERNAL
+        bad.fail_with = grpc.StatusCode.UNKNOWN  # broken (not retried: an unknown outcome)
         ejections = metric("llmmesh_router_ejections_total", worker_id="bad")
         async with (
             serving(bad, good) as servers,
@@ -309,6 +309,26 @@ class TestEjection:
             assert _is(router, "bad", HEALTHY)
             served = await _served_by(router, 20)
             assert served["bad"] > 0, "traffic never came back to the recovered worker"
+
+    async def test_a_requests_own_failures_are_not_the_workers(self) -> None:
+        """INTERNAL (the engine failed that request alone) never ejects a worker."""
+        worker = FakeWorker("w")
+        worker.fail_with = grpc.StatusCode.INTERNAL
+        ejections = metric("llmmesh_router_ejections_total", worker_id="w")
+        async with (
+            serving(worker) as servers,
+            running_router([servers[0].address], eject_after_failures=2) as router,
+        ):
+            await assert_eventually(lambda: len(router.app.pool.healthy(MODEL)) == 1)
+            for _ in range(4):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await router.stub.Generate(request(), timeout=5)
+                assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert _is(router, "w", HEALTHY)
+            assert router.app.pool.workers()[0].consecutive_failures == 0
+            assert metric("llmmesh_router_ejections_total", worker_id="w") == ejections
+            worker.fail_with = None
+            assert (await router.stub.Generate(request(), timeout=5)).summary.worker_id == "w"
 
     async def test_caller_deadlines_are_not_failures(self) -> None:
         slow = FakeWorker("slow", delay=1.0)

@@ -18,11 +18,13 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from llmmesh.errors import RequestFailed
+from llmmesh.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
 from tests.doubles.triton_server import TritonDouble
 from tests.engine_contract import run
 from tests.harness import ServiceProcess, assert_eventually
+from tests.one_worker_mesh import WORKER_ID, failure_counts, one_worker_mesh
 from worker.engines import Completion, EngineError, EngineRequest, TextDelta
 from worker.engines.triton import (
     TritonEngine,
@@ -320,14 +322,16 @@ class TestStopStrings:
 
 
 class TestFailures:
-    """Model errors and an unreachable server raise EngineError; health follows readiness."""
+    """A model's error response fails that request alone (RequestFailed); an unreachable server
+    raises EngineError; health follows readiness."""
 
     @pytest.mark.parametrize("model", MODELS)
     async def test_a_model_error_mid_stream_raises(self, model: str) -> None:
         async with serving(fail_after_tokens=3) as triton, engine_for(triton, model) as engine:
             deltas: list[str] = []
-            with pytest.raises(EngineError, match="illegal memory access"):
+            with pytest.raises(RequestFailed, match="illegal memory access") as caught:
                 await consume(engine.generate(request()), deltas)
+            assert caught.value.code == grpc.StatusCode.INTERNAL
             assert "".join(deltas) == triton.expected_text(PROMPT, max_tokens=3)
             assert engine.load().healthy  # one request failed; the server is fine
 
@@ -496,7 +500,7 @@ nv_inference_pending_request_count{model="preprocessing",version="1"} 7
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="context",version="1"} 1
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 5
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="max",version="1"} 512
-nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 6
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 8
 nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 3
 nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
 """
@@ -513,12 +517,12 @@ nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
             )
         metrics = TritonMetrics.parse(page, triton_model="tensorrt_llm_bls")
         assert (metrics.active, metrics.max_requests, metrics.waiting, metrics.pending) == (
-            6,
+            8,
             512,
             3,
             3,  # the called model's and tensorrt_llm's, not preprocessing's
         )
-        assert metrics.queued == 6
+        assert (metrics.running, metrics.queued) == (5, 6)
         assert metrics.kv_cache_used_fraction == pytest.approx(0.25)
         assert metrics.kv_tokens_per_block == 64
         # Without block counts, the reported fraction; with another model name, what is there.
@@ -527,7 +531,7 @@ nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
             line for line in renamed.splitlines() if '"used"' not in line and '"max"' not in line
         )
         other = TritonMetrics.parse(renamed, triton_model="ensemble")
-        assert (other.active, other.max_requests, other.pending) == (6, 0, 0)
+        assert (other.active, other.max_requests, other.pending) == (8, 0, 0)
         assert other.kv_cache_used_fraction == pytest.approx(0.25)
         assert parse_prometheus('a{b="x\\"y"} 1 1700000000\n', ["a"]) == [
             ("a", {"b": 'x\\"y'}, 1.0)
@@ -598,3 +602,96 @@ class TestWorkerProcess:
                     assert (sent["max_tokens"].value, sent["top_k"].value) == (30, 1)
             finally:
                 await asyncio.to_thread(worker.close)
+
+
+class TestRequestFailureThroughTheMesh:
+    """Triton answering one request with an error fails that request alone: the caller gets
+    INTERNAL with Triton's message (not UNAVAILABLE), and the worker stays in rotation."""
+
+    @pytest.mark.parametrize("streaming", [False, True])
+    @pytest.mark.parametrize("model", MODELS)
+    async def test_an_error_response_is_the_requests_not_the_workers(
+        self, model: str, streaming: bool
+    ) -> None:
+        too_long = " ".join(["word"] * 40)  # over max_input_len: the executor refuses it alone
+        async with serving(max_input_len=30) as triton:
+            engine = TritonEngine(
+                TritonSettings(
+                    url=triton.url,
+                    metrics_url=triton.metrics_url,
+                    triton_model=model,
+                    model=MODEL,
+                    health_interval=0.05,
+                    metrics_interval=0.05,
+                )
+            )
+            async with one_worker_mesh(engine) as mesh:
+                await assert_eventually(lambda: mesh.pooled().worker_id == WORKER_ID)
+                ejections, retries = failure_counts()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await mesh.generate(MODEL, too_long, streaming=streaming)
+                assert caught.value.code() == grpc.StatusCode.INTERNAL
+                details = caught.value.details() or ""
+                assert "Prompt length (41) exceeds maximum input length (30)" in details
+                assert WORKER_ID in details
+                assert mesh.address not in details
+                assert triton.url not in details
+                assert (mesh.pooled().consecutive_failures, mesh.pooled().last_error) == (0, "")
+                # The next good request, sent at once, is served by the same worker.
+                text = await mesh.generate(MODEL, PROMPT, streaming=streaming)
+                assert text == triton.expected_text(PROMPT, max_tokens=5)
+                assert (mesh.pooled().consecutive_failures, mesh.pooled().last_error) == (0, "")
+                assert failure_counts() == (ejections, retries)
+                assert await mesh.state() == router_pb2.WORKER_STATE_HEALTHY
+                assert engine.load().healthy
+
+
+class TestLoadMapping:
+    """Active and queued mean what they mean to the router, read from Triton's figures as the
+    TensorRT-LLM backend defines them (model_instance_state.cc: "active" is the executor's
+    numActiveRequests, scheduled and waiting both; "waiting" = active - scheduled)."""
+
+    PAGE = """\
+nv_inference_pending_request_count{model="ensemble",version="1"} 3
+nv_inference_pending_request_count{model="tensorrt_llm",version="1"} 0
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active",version="1"} 12
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="max",version="1"} 8
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 8
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="context",version="1"} 2
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="waiting",version="1"} 4
+"""
+
+    def test_waiting_requests_are_queued_not_active(self) -> None:
+        metrics = TritonMetrics.parse(self.PAGE, triton_model="ensemble")
+        # 12 in the executor: 8 in the batch, 4 waiting for a slot; 3 more in Triton's queue.
+        assert (metrics.running, metrics.queued) == (8, 4 + 3)
+
+    def test_a_backend_without_the_waiting_figure(self) -> None:
+        # Backends before "waiting" was added report active, max, scheduled and context only.
+        page = "\n".join(line for line in self.PAGE.splitlines() if '"waiting"' not in line)
+        metrics = TritonMetrics.parse(page, triton_model="ensemble")
+        assert (metrics.running, metrics.queued) == (8, 4 + 3)
+
+    def test_only_the_active_figure(self) -> None:
+        page = "\n".join(
+            line
+            for line in self.PAGE.splitlines()
+            if '"scheduled"' not in line and '"waiting"' not in line
+        )
+        metrics = TritonMetrics.parse(page, triton_model="ensemble")
+        assert (metrics.running, metrics.queued) == (12, 3)
+
+    async def test_the_engine_reports_them(self) -> None:
+        async with (
+            serving(token_delay=0.02, answer_tokens=1000, max_active=8) as triton,
+            engine_for(triton) as engine,
+        ):
+            streams = [engine.generate(request(max_tokens=900)) for _ in range(12)]
+            tasks = [asyncio.create_task(consume(stream)) for stream in streams]
+            await assert_eventually(lambda: (triton.active, triton.waiting) == (8, 4))
+            await assert_eventually(
+                lambda: (engine.load().active, engine.load().queued) == (8, 4), timeout=5
+            )
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -26,10 +26,12 @@ import grpc
 import grpc.aio
 import pytest
 
-from llmmesh.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from llmmesh.errors import RequestFailed
+from llmmesh.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 from llmmesh.validation import Sampling
 from tests.engine_contract import run
 from tests.harness import ServiceProcess, assert_eventually
+from tests.one_worker_mesh import WORKER_ID, failure_counts, one_worker_mesh
 from worker import WorkerConfig
 from worker.engines import Completion, EngineError, EngineRequest, TextDelta, create_engine
 from worker.engines.trtllm import (
@@ -462,7 +464,8 @@ class TestLoad:
 
 
 class TestFailures:
-    """A failing TensorRT-LLM fails the requests in flight with EngineError and turns unhealthy."""
+    """A failing TensorRT-LLM fails the requests in flight with EngineError and turns unhealthy;
+    a request it fails or refuses alone gets RequestFailed and the engine stays healthy."""
 
     async def test_stats_failure(self, engine: TrtllmEngine, trtllm: ModuleType) -> None:
         long_answers(trtllm)
@@ -493,9 +496,10 @@ class TestFailures:
         async with aclosing(engine.generate(request(max_tokens=1000))) as stream:
             await first_delta(stream)
             base_llm(trtllm).fail_next_step = trtllm.llmapi.RequestError("bad request")
-            with pytest.raises(EngineError, match="bad request"):
+            with pytest.raises(RequestFailed, match="bad request") as caught:
                 async for _ in stream:
                     pass
+        assert caught.value.code == grpc.StatusCode.INTERNAL
         assert engine.load().healthy
         _, completion = await run(engine, request(max_tokens=3))
         assert completion.finish_reason == "length"
@@ -515,8 +519,9 @@ class TestFailures:
         await e.start()
         try:
             assert e.info().max_prompt_tokens == 8
-            with pytest.raises(EngineError, match="refused the request"):
+            with pytest.raises(RequestFailed, match="refused the request") as caught:
                 await run(e, request("one two three four five six seven eight nine ten"))
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert e.load().healthy
         finally:
             await e.stop()
@@ -768,3 +773,36 @@ class TestProcess:
                         break
             finally:
                 load.cancel()
+
+
+class TestRequestFailureThroughTheMesh:
+    """TensorRT-LLM failing one request (RequestError) fails that request alone: the caller gets
+    INTERNAL with the engine's message, and the worker stays in rotation for the next one."""
+
+    @pytest.mark.parametrize("streaming", [False, True])
+    async def test_request_error_is_the_requests_not_the_workers(
+        self, trtllm: ModuleType, tmp_path: Path, streaming: bool
+    ) -> None:
+        async with one_worker_mesh(TrtllmEngine(settings(tmp_path))) as mesh:
+            await assert_eventually(lambda: mesh.pooled().worker_id == WORKER_ID)
+            ejections, retries = failure_counts()
+            # As upstream: the executor answers this one request with an error response.
+            base_llm(trtllm).fail_next_step = trtllm.llmapi.RequestError(
+                "Encountered an error in forwardAsync for request 7: invalid token id"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await mesh.generate("llama-test", PROMPT, streaming=streaming)
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            details = caught.value.details() or ""
+            assert "invalid token id" in details
+            assert WORKER_ID in details
+            assert mesh.address not in details  # internal addresses are for logs
+            assert (mesh.pooled().consecutive_failures, mesh.pooled().last_error) == (0, "")
+            # The next good request, sent at once, is served by the same worker.
+            text = await mesh.generate("llama-test", PROMPT, streaming=streaming)
+            assert len(text.split()) == 5
+            worker = mesh.pooled()
+            assert (worker.consecutive_failures, worker.last_error) == (0, "")
+            assert failure_counts() == (ejections, retries)
+            assert await mesh.state() == router_pb2.WORKER_STATE_HEALTHY
+            assert mesh.worker.engine.load().healthy

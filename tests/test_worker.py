@@ -501,7 +501,9 @@ class FlakyEngine(SimEngine):
 
 
 class TestEngineFailures:
-    """Engine failures reach the caller as UNAVAILABLE (or INTERNAL), never as a traceback."""
+    """An engine that is down makes a request UNAVAILABLE; a request it failed alone gets
+    INTERNAL or INVALID_ARGUMENT with the engine's message and the worker serves on; never a
+    traceback."""
 
     async def test_engine_error_is_unavailable(self) -> None:
         engine = FailingEngine(EngineError("GPU fell off the bus"))
@@ -511,6 +513,37 @@ class TestEngineFailures:
             assert w.load() == (0, 0)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "GPU fell off the bus" in (caught.value.details() or "")
+
+    @pytest.mark.parametrize(
+        ("error", "code"),
+        [
+            (errors.RequestFailed("TensorRT-LLM failed the request: bad token"), "INTERNAL"),
+            (
+                errors.RequestFailed("Triton refused it: bad shape", invalid=True),
+                "INVALID_ARGUMENT",
+            ),
+        ],
+    )
+    async def test_a_requests_own_failure_is_its_error_and_the_worker_serves_on(
+        self, error: errors.RequestFailed, code: str
+    ) -> None:
+        async with (
+            serve(engine=FailingEngine(error)) as w,
+            grpc.aio.insecure_channel(w.runner.address) as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await w.stub.Generate(generate_request(), timeout=5)
+            assert caught.value.code().name == code
+            details = caught.value.details() or ""
+            assert error.message in details
+            assert "w-test" in details
+            assert w.runner.address not in details
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            call = w.stub.WatchLoad(worker_pb2.WatchLoadRequest())
+            assert (await next_report(call)).serving
+            call.cancel()
 
     async def test_unexpected_error_is_internal_without_details(self) -> None:
         async with serve(engine=FailingEngine(RuntimeError("secret internals"))) as w:

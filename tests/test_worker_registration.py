@@ -253,6 +253,53 @@ class TestAgentTrouble:
             assert len(forgot) == 1
             assert sample("llmmesh_worker_consul_registered") == 1
 
+    async def test_reregistration_after_an_outage_longer_than_the_ttl_passes_at_once(
+        self, agent: ConsulAgent
+    ) -> None:
+        """The agent keeps the critical state of an expired check over a re-registration (as
+        Consul does): the worker reports its health at once instead of a heartbeat later, and
+        logs the status the agent reads back."""
+        ttl = timedelta(seconds=3)  # heartbeat every 1 s: "at once" is well inside that
+        async with serve(agent, consul_check_ttl=ttl, consul_deregister_after=timedelta(minutes=1)):
+            await assert_eventually(lambda: status(agent, "service:w-reg") == "passing", timeout=5)
+            await agent.go_down()
+            await assert_eventually(
+                lambda: status(agent, "service:w-reg") == "critical",
+                timeout=ttl.total_seconds() + 2,
+                message="the TTL never expired while Consul was unreachable",
+            )
+            registrations = requests_to(agent, "/v1/agent/service/register")
+            with structlog.testing.capture_logs() as logs:
+                await agent.come_back()
+                await assert_eventually(
+                    lambda: requests_to(agent, "/v1/agent/service/register") > registrations,
+                    timeout=3,
+                    message="the worker never registered again",
+                )
+                registered_at = time.monotonic()
+                await assert_eventually(
+                    lambda: status(agent, "service:w-reg") == "passing",
+                    timeout=3,
+                    message="the re-registered check never turned passing",
+                )
+                assert time.monotonic() - registered_at < 0.5, "passing only after a heartbeat"
+                await assert_eventually(
+                    lambda: any(e["event"] == "registered in consul" for e in logs), timeout=2
+                )
+            registered = [e for e in logs if e["event"] == "registered in consul"]
+            assert registered[-1]["check_status"] == "passing"  # what the agent said
+            assert registered[-1]["passing"] is True
+
+    async def test_registration_log_says_what_the_agent_has(self, agent: ConsulAgent) -> None:
+        """An unhealthy engine at registration: the log says critical, as the agent does."""
+        engine = FlakyEngine()
+        engine.healthy = False
+        with structlog.testing.capture_logs() as logs:
+            async with serve(agent, engine=engine):
+                await assert_eventually(lambda: "w-reg" in agent.services(), timeout=5)
+        registered = [e for e in logs if e["event"] == "registered in consul"]
+        assert (registered[0]["check_status"], registered[0]["passing"]) == ("critical", False)
+
     async def test_consul_down_at_start_serves_then_registers(self, agent: ConsulAgent) -> None:
         await agent.go_down()
         errors_before = error_count("register")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmmesh.malformed_requests import malformed_requests_metric
 from worker.engines import Completion, LoadSnapshot
 
 # The first token comes in a millisecond to a minute (a long prompt behind a full batch); a whole
@@ -21,6 +22,8 @@ TTFT_BUCKETS = (
 DURATION_BUCKETS = (*TTFT_BUCKETS, 120.0, 300.0, 600.0)
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
+#: Requests whose bytes do not parse (llmmesh/malformed_requests.py).
+MALFORMED_REQUESTS = malformed_requests_metric("worker", ["llmmesh.v1.Worker"])
 REQUESTS = Counter(
     "llmmesh_worker_requests_total",
     "Generate and GenerateStream calls finished, by method and gRPC status code.",

@@ -4,8 +4,10 @@ leaves first when it drains.
 ::
 
     start()      register: name, id = worker id, address, port, tags, meta, one check
-                 (TTL: Status passing if the engine is healthy; gRPC: Consul probes
-                 grpc.health.v1 for llmmesh.v1.Worker), DeregisterCriticalServiceAfter
+                 (TTL: Status passing if the engine is healthy, then reported at once, since
+                 Consul keeps an existing check's state over a re-registration; gRPC: Consul
+                 probes grpc.health.v1 for llmmesh.v1.Worker), DeregisterCriticalServiceAfter;
+                 the check's status is then read back from the agent and logged
     heartbeat    every TTL/3: pass (engine healthy) or fail with a note (engine unhealthy);
                  woken at once by health_changed(). A 404 means the agent forgot us (it
                  restarted): register again. gRPC check: ask the agent whether it still
@@ -248,14 +250,7 @@ class ConsulRegistration:
         else:
             healthy = self._healthy()
             with consul_errors(self.target, "heartbeat"):
-                if healthy:
-                    known = await self._client.agent.check.ttl_pass(
-                        self.check_id, notes=self._note(healthy)
-                    )
-                else:
-                    known = await self._client.agent.check.ttl_fail(
-                        self.check_id, notes=self._note(healthy)
-                    )
+                known = await self._report(healthy)
             if known and healthy != self._reported_healthy:
                 log.info("consul check updated", check_id=self.check_id, passing=healthy)
             self._reported_healthy = healthy if known else None
@@ -282,9 +277,16 @@ class ConsulRegistration:
                 check=check,
                 replace_existing_checks=True,
             )
+            if self.check_kind == "ttl":
+                # A check's Status only sets the state of a *new* check: Consul carries an
+                # existing check's state over a re-registration (agent.addServiceInternal), so
+                # after an outage longer than the TTL the check would stay critical until the
+                # next heartbeat and the fleet would vanish from the passing set. Report now.
+                await self._report(healthy)
         self._reported_healthy = healthy if self.check_kind == "ttl" else None
         self._set_registered(True)
         self._recovered()
+        agent_status = await self._agent_check_status()
         log.info(
             "registered in consul",
             consul=self.target.url,
@@ -292,8 +294,34 @@ class ConsulRegistration:
             service_id=self.service_id,
             address=_host_port(self.address, self.port),
             check=self.check_kind,
-            passing=healthy if self.check_kind == "ttl" else None,
+            engine_healthy=healthy,
+            check_status=agent_status,
+            passing=agent_status == "passing",
         )
+
+    async def _report(self, healthy: bool) -> bool:
+        """Set the TTL check from the engine's health; False if the agent has no such check."""
+        assert self._client is not None
+        if healthy:
+            return bool(
+                await self._client.agent.check.ttl_pass(self.check_id, notes=self._note(healthy))
+            )
+        return bool(
+            await self._client.agent.check.ttl_fail(self.check_id, notes=self._note(healthy))
+        )
+
+    async def _agent_check_status(self) -> str:
+        """The check's status as the agent has it now, read back rather than assumed
+        (``unknown`` when the agent cannot say)."""
+        assert self._client is not None
+        try:
+            with consul_errors(self.target, "lookup"):
+                checks = await self._client.agent.checks()
+        except ConsulError as exc:
+            ERRORS.labels(op=exc.op).inc()
+            return "unknown"
+        check = (checks or {}).get(self.check_id) or {}
+        return str(check.get("Status") or "unknown")
 
     # -- pieces ---------------------------------------------------------------------------------
 

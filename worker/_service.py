@@ -13,8 +13,10 @@ One request, as the worker sees it::
            ├─ Completion timeout, or the caller's deadline passes ─▶ abort ▶ DEADLINE_EXCEEDED
            └─ the caller cancels ──▶ engine.abort(), "request aborted" logged and counted
 
-Engine failures (:class:`~worker.engines.EngineError`) become UNAVAILABLE in
-:meth:`WorkerApp._engine_errors`, the one place they are translated. The streaming RPCs use
+Engine failures (:class:`~worker.engines.EngineError`: the engine is down) become UNAVAILABLE in
+:meth:`WorkerApp._engine_errors`, the one place they are translated; a request the engine failed
+on its own (:class:`~llmmesh.errors.RequestFailed`) gets INTERNAL or INVALID_ARGUMENT with the
+engine's message there too, and leaves the worker SERVING. The streaming RPCs use
 gRPC's reader/writer API (``context.write``) rather than async generators, so a cancellation
 always arrives inside the handler's own code, where the engine request can be aborted.
 """
@@ -43,6 +45,7 @@ from llmmesh.errors import (
     InvalidArgument,
     MeshError,
     NotFound,
+    RequestFailed,
     ResourceExhausted,
     Unavailable,
     cancelled_status,
@@ -430,9 +433,25 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
 
     @contextlib.contextmanager
     def _engine_errors(self) -> Iterator[None]:
-        """Translate engine failures into our error tree (the one place this happens)."""
+        """Translate engine failures into our error tree (the one place this happens).
+
+        An engine that is down (:class:`EngineError`) makes the request UNAVAILABLE: another
+        worker may serve it. A request the engine failed on its own (:class:`RequestFailed`) is
+        that request's error, named with this worker's id (never its address); the engine and
+        the worker go on serving, so nothing here touches their health.
+        """
         try:
             yield
+        except RequestFailed as exc:
+            log.warning(
+                "engine failed the request",
+                engine=self.engine.info().engine,
+                code=exc.code.name,
+                error=exc.message,
+            )
+            failed = RequestFailed(f"worker {self.worker_id}: {exc.message}")
+            failed.code = exc.code
+            raise failed from None
         except EngineError as exc:
             log.error("engine failed", engine=self.engine.info().engine, error=str(exc))
             raise Unavailable(f"worker {self.worker_id}'s engine failed: {exc}") from None

@@ -33,13 +33,18 @@ from llmmesh.errors import Unavailable
 
 
 class StoreUnavailable(Unavailable):
-    """The backing store could not complete an operation; the message names store and cause."""
+    """The backing store could not complete an operation; the message names store and cause.
 
-    def __init__(self, store: str, op: str, cause: str) -> None:
+    The message goes to callers, so it names no address: ``where`` (e.g. Redis' URL, password
+    masked) is for the logs.
+    """
+
+    def __init__(self, store: str, op: str, cause: str, *, where: str = "") -> None:
         super().__init__(f"cache store {store} unavailable: {op} failed: {cause}")
         self.store = store
         self.op = op
         self.cause = cause
+        self.where = where
 
 
 class StoreSize(NamedTuple):

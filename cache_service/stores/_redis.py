@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +53,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache_service.stores._base import Claim, StoreSize, StoreUnavailable
 
@@ -93,6 +101,30 @@ def model_index(model: str) -> str:
 def tenant_index(tenant: str) -> str:
     """The Redis key of the index of one tenant's entries."""
     return TENANT_INDEX_PREFIX + tenant
+
+
+def _plain_cause(exc: BaseException) -> str:
+    """What went wrong, in words that name no address: callers see it (redis-py's own messages
+    name the host and port; the logs have the URL)."""
+    if isinstance(exc, AuthenticationError):
+        return "authentication failed"
+    if isinstance(exc, BusyLoadingError):
+        return "Redis is loading its data set"
+    if isinstance(exc, RedisTimeoutError):
+        return "timed out"
+    if isinstance(exc, RedisConnectionError | OSError):
+        reason = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__)
+        if not isinstance(reason, OSError):
+            return "cannot connect"
+        # asyncio's strerror names the address ("Connect call failed ('10.0.0.5', 6379)"); the
+        # errno's own words do not. A failed name lookup has a negative errno and plain words.
+        errno = reason.errno or 0
+        words = os.strerror(errno) if errno > 0 else reason.strerror
+        return f"cannot connect ({words})" if words else "cannot connect"
+    if isinstance(exc, ResponseError):
+        # An error reply from the server (e.g. OOM): its words, which name no address.
+        return f"error reply: {exc}"
+    return type(exc).__name__
 
 
 def mask_url(url: str) -> str:
@@ -186,12 +218,9 @@ class RedisStore:
                 yield
         except TimeoutError as exc:  # asyncio.timeout; redis' own TimeoutError is a RedisError
             cause = f"no answer within {timeout * 1000:g} ms"
-            raise StoreUnavailable(self._where(), op, cause) from exc
+            raise StoreUnavailable(self.name, op, cause, where=self.url) from exc
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self._where(), op, f"{type(exc).__name__}: {exc}") from exc
-
-    def _where(self) -> str:
-        return f"{self.name} at {self.url}"
+            raise StoreUnavailable(self.name, op, _plain_cause(exc), where=self.url) from exc
 
     async def get(self, key: str) -> bytes | None:
         async with self._translating_errors("get", self.timeout):

@@ -167,6 +167,11 @@ ROWS = [
                         "(llmmesh_router_discovery_last_change_timestamp_seconds)",
                         "s since last change {{source}}",
                     ),
+                    (
+                        "sum(increase(llmmesh_router_discovery_grace_total[$__rate_interval]))",
+                        "workers kept through a discovery grace",
+                    ),
+                    ("sum(llmmesh_router_workers_in_discovery_grace)", "workers in grace now"),
                 ],
             ),
         ],
@@ -225,6 +230,19 @@ ROWS = [
                     ),
                 ],
                 unit="ops",
+            ),
+            Panel(
+                "Malformed requests",
+                [
+                    (
+                        rate(f"llmmesh_{service}_malformed_requests_total", "method"),
+                        service + " {{method}}",
+                    )
+                    for service in ("router", "worker", "cache")
+                ],
+                unit="reqps",
+                description="Requests refused with INVALID_ARGUMENT because their bytes do not "
+                "parse (invalid UTF-8 in a string field, corrupt protobuf): a misbehaving client.",
             ),
         ],
     ),

@@ -54,7 +54,10 @@ the real ``py-consul`` client and for service processes alike. It behaves as a `
   anonymous token is used implicitly when a request does not specify a token.`` (after the 404 of
   an unknown check or service, as in Consul). Unlike Consul, which filters reads down to an empty
   list for the anonymous token, reads are 403 too so that a missing token cannot go unnoticed;
-  ``/v1/status/leader`` needs no token, as in Consul.
+  ``anonymous_reads="filter"`` does as Consul does for the health endpoint: an anonymous read
+  answers ``200 []``. Every response carries ``X-Consul-Default-ACL-Policy`` (Consul >= 1.9):
+  ``deny`` with a token configured, else ``allow``. ``/v1/status/leader`` needs no token, as in
+  Consul.
 - **Outages.** :meth:`~ConsulAgent.go_down` stops listening and drops open connections (in-flight
   blocking queries included) while the agent keeps its state and keeps running its TTL timers,
   probes and reaper, like an agent that became unreachable; :meth:`~ConsulAgent.come_back`

@@ -10,7 +10,7 @@ import json
 import random
 import uuid
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -54,6 +54,7 @@ class ConsulAgent(LocalState):
         self,
         *,
         acl_token: str | None = None,
+        anonymous_reads: Literal["refuse", "filter"] = "refuse",
         reap_interval: float = 30.0,
         min_deregister_after: float = 60.0,
         node: str = "node-1",
@@ -67,6 +68,9 @@ class ConsulAgent(LocalState):
             min_check_interval=min_check_interval,
         )
         self._acl_token = acl_token
+        if anonymous_reads not in ("refuse", "filter"):
+            raise ValueError(f"anonymous_reads: {anonymous_reads!r} is not refuse or filter")
+        self._anonymous_reads = anonymous_reads
         self._node = node
         self._node_address = node_address
         self._datacenter = datacenter
@@ -227,9 +231,14 @@ class ConsulAgent(LocalState):
             return self._respond(response, self._health_index(arg))
         return self._respond(response, self._index)
 
-    @staticmethod
-    def _respond(response: web.Response, index: int) -> web.Response:
+    def _respond(self, response: web.Response, index: int) -> web.Response:
         response.headers["X-Consul-Index"] = str(index)
+        # Every response since Consul 1.9 (agent/http.go setACLDefaultPolicy): the agent's
+        # acl.default_policy, "allow" when ACLs are off. With a token configured we are a
+        # default-deny agent.
+        response.headers["X-Consul-Default-ACL-Policy"] = (
+            "allow" if self._acl_token is None else "deny"
+        )
         return response
 
     def _route(self, path: str) -> tuple[Any, tuple[str, ...], str] | None:
@@ -468,7 +477,8 @@ class ConsulAgent(LocalState):
             except ValueError:
                 raise HTTPError(400, "Invalid value for ?passing") from None
         allowed = self._resolve_token(request)
-        self._require(allowed, "service:read", name)
+        if self._anonymous_reads == "refuse":
+            self._require(allowed, "service:read", name)
         match = compile_filter(query.get("filter", ""))
         if min_index > 0:
             await self._block(name, min_index, wait)
@@ -487,7 +497,7 @@ class ConsulAgent(LocalState):
                 "Service": service.catalog_json(),
                 "Checks": [c.json(self._node, catalog=True) for c in checks],
             }
-            if match(entry):
+            if match(entry) and allowed:  # Consul filters what a token may not read
                 entries.append(entry)
         return self._json(
             entries,

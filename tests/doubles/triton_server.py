@@ -22,7 +22,8 @@ repository, ``ensemble`` and ``tensorrt_llm_bls``, as upstream does:
   and then an end-of-sequence token (one token, no text). ``max_tokens`` bounds the tokens,
   ``stop_words`` end the answer after the token that completes one (which is sent, as
   TensorRT-LLM sends it). Prompt tokens are the prompt's words plus one.
-- Knobs: ``token_delay``, ``fail_after_tokens`` (an ``error_message`` mid-stream), per-model
+- Knobs: ``token_delay``, ``fail_after_tokens`` (an ``error_message`` mid-stream),
+  ``max_input_len`` (a longer prompt gets an ``error_message`` for that request alone), per-model
   readiness, ``server_live``/``server_ready``, :meth:`stop_grpc`/:meth:`start_grpc` (the server
   goes away and comes back on the same port), ``honour_stop_words``, ``hold_streams_open`` (a
   stream that stays open after its requests complete), ``metrics_status``, ``metrics_chunked``.
@@ -32,7 +33,8 @@ repository, ``ensemble`` and ``tensorrt_llm_bls``, as upstream does:
 - Metrics: ``GET /metrics`` on its own HTTP port, Prometheus text with
   ``nv_inference_pending_request_count``, ``nv_trt_llm_request_metrics{request_type=...}`` and
   ``nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=...}`` from the live counts: up to
-  ``max_active`` requests run at once ("active", "scheduled"), the rest wait ("waiting").
+  ``max_active`` requests run at once ("scheduled"), the rest wait ("waiting"), and "active" is
+  both, as upstream's backend reports them (``active`` = ``scheduled`` + ``waiting``).
 
 Runnable alone: ``python tests/doubles/triton_server.py --port P --metrics-port M`` prints
 ``{"port": ..., "metrics_port": ...}`` on one line once serving, and runs until SIGTERM/SIGINT.
@@ -223,6 +225,10 @@ class TritonDouble:
     #: After this many tokens of every request, an error_message instead of the next token.
     fail_after_tokens: int | None = None
     fail_message: str = "Executor failed: CUDA error: an illegal memory access was encountered"
+    #: A request whose prompt has more tokens than this gets an ``error_message`` before its first
+    #: token and the server serves on, as TensorRT-LLM's executor refuses such a request alone
+    #: ("Prompt length (N) exceeds maximum input length (M)", sent as that request's error).
+    max_input_len: int | None = None
     #: Match stop words (False: a model whose tokens never match the stop string's).
     honour_stop_words: bool = True
     #: Keep each stream open after its requests complete, until the client ends it.
@@ -357,11 +363,15 @@ class TritonDouble:
             "# HELP nv_trt_llm_request_metrics TRT LLM request metrics",
             "# TYPE nv_trt_llm_request_metrics gauge",
         ]
+        # As TensorRT-LLM's Triton backend fills them (triton_backend/inflight_batcher_llm/src/
+        # model_instance_state.cc, WaitForStats): "active" is the executor's numActiveRequests,
+        # which counts the requests waiting for a slot too; "scheduled" those in this iteration's
+        # batch; "waiting" is active - scheduled.
         for kind, value in (
             ("context", context),
             ("scheduled", self.active),
             ("max", self.max_active),
-            ("active", self.active),
+            ("active", self.active + self.waiting),
             ("waiting", self.waiting),
         ):
             lines.append(
@@ -571,6 +581,14 @@ class TritonDouble:
 
     async def _generate(self, request: _Request, emit: _Emit) -> None:
         request.arrival_ns = time.monotonic_ns()
+        prompt_tokens = self.prompt_tokens(request.prompt)
+        if self.max_input_len is not None and prompt_tokens > self.max_input_len:
+            message = (
+                f"[request id: {request.request_id}] Prompt length ({prompt_tokens}) exceeds "
+                f"maximum input length ({self.max_input_len})."
+            )
+            emit(_error(request, message, final=request.final_on_data))
+            return
         async with self._slot(request) as live:
             request.scheduled_ns = time.monotonic_ns()
             words = self.answer(request.prompt, request.seed)

@@ -41,7 +41,11 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
 
 
 class EngineError(Exception):
-    """The engine failed (crashed, stopped, unreachable); the request did not complete."""
+    """The engine failed (crashed, stopped, unreachable); the request did not complete.
+
+    A request the engine failed or refused on its own, while it serves others, raises
+    :class:`llmmesh.errors.RequestFailed` instead: that request's error, not the worker's.
+    """
 
 
 class Outbox:
@@ -157,7 +161,8 @@ class Engine(Protocol):
     def generate(self, request: EngineRequest) -> AsyncGenerator[TextDelta | Completion, None]:
         """Submit ``request`` and stream its text, ending with exactly one :class:`Completion`.
 
-        Raises :class:`EngineError` (while iterating) when the engine cannot serve it. Closing
+        Raises :class:`EngineError` (while iterating) when the engine cannot serve it, and
+        :class:`~llmmesh.errors.RequestFailed` when it failed this request alone. Closing
         the generator early (``aclose()``) aborts the request, as :meth:`abort` does.
         """
         ...

@@ -8,7 +8,7 @@ request::
     generate(request)
       └─ stream_infer(one request; then the request side closes)
            ├─ (InferResult, None) ─ text_output: the new text ─▶ TextDelta (stop strings cut here)
-           ├─ (None, error)       ─ the model failed ─────────▶ EngineError
+           ├─ (None, error)       ─ the model failed the request ▶ RequestFailed
            └─ the end of the answer: the first response flagged triton_final_response, or the
               server ending the stream
     abort(), aclose(), the deadline ─▶ call.cancel(): Triton cancels the request (slot, KV freed)
@@ -41,8 +41,17 @@ Decisions worth knowing:
 - **Stop strings** are sent as ``stop_words`` and enforced again here: TensorRT-LLM matches them
   on tokens and returns the stop word with the text. The text never includes a stop string; text
   that may begin one is held back until it cannot.
-- **Health**: ``is_model_ready`` every second, and soon after a connection failure; a failed
-  stream's ``UNAVAILABLE`` makes the engine unhealthy until the model is ready again.
+- **Failures.** An error response in the stream (``error_message``: the TensorRT-LLM backend
+  sends one for a request the executor refused or failed, as ``TRITONBACKEND_ResponseSend`` with
+  an error for that request) and a stream that ends with a status that is not about the
+  connection (``INVALID_ARGUMENT`` and the like, with ``triton_grpc_error``) fail that request
+  alone: :class:`~llmmesh.errors.RequestFailed` (INVALID_ARGUMENT for Triton's, else INTERNAL),
+  and the engine stays healthy. Whether the server is down is for the health checks to say
+  (an error response makes the next one come at once); a connection failure makes the engine
+  unhealthy (:class:`EngineError`).
+- **Health**: ``is_model_ready`` every second, and soon after a connection failure or an error
+  response; a failed stream's ``UNAVAILABLE`` makes the engine unhealthy until the model is ready
+  again.
 - **Load** from Triton's Prometheus metrics, polled every half second (see
   :class:`TritonMetrics`); while they are unavailable, from this engine's requests in flight.
 """
@@ -64,6 +73,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from llmmesh.errors import RequestFailed
 from worker.engines._base import (
     Completion,
     EngineError,
@@ -193,7 +203,11 @@ class TritonMetrics:
 
     - ``nv_trt_llm_request_metrics{request_type=...}`` of the ``tensorrt_llm`` model: ``active``,
       ``max``, ``scheduled``, ``context`` and ``waiting`` requests (TensorRT-LLM's iteration
-      statistics);
+      statistics, as the backend fills them in ``triton_backend/inflight_batcher_llm/src/
+      model_instance_state.cc``, ``WaitForStats``: ``active`` is ``numActiveRequests``, every
+      request the executor holds, scheduled or not; ``scheduled`` is ``numScheduledRequests``,
+      those in this iteration's batch; ``waiting`` is ``numActiveRequests -
+      numScheduledRequests``, and exists only in newer backends);
     - ``nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=...}``: ``max``, ``free``, ``used``
       blocks, ``tokens_per`` block, used ``fraction``;
     - ``nv_inference_pending_request_count`` of the called model and of ``tensorrt_llm``: requests
@@ -212,10 +226,30 @@ class TritonMetrics:
     kv_tokens_per_block: int = 0
     kv_fraction: float | None = None
 
+    #: Which of ``scheduled`` and ``waiting`` the page had (older backends lack ``waiting``).
+    has_scheduled: bool = False
+    has_waiting: bool = False
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch: ``scheduled``. Not ``active``, which counts the
+        waiting ones too (so reporting it as active counted them twice: once there, once in
+        :attr:`queued`)."""
+        if self.has_scheduled:
+            return self.scheduled
+        return max(0, self.active - self.waiting)
+
     @property
     def queued(self) -> int:
-        """Requests waiting: in TensorRT-LLM's queue and in Triton's."""
-        return self.waiting + self.pending
+        """Requests waiting: in TensorRT-LLM for a batch slot (``waiting``, else ``active -
+        scheduled``) and in Triton's scheduler queues (``pending``)."""
+        if self.has_waiting:
+            waiting = self.waiting
+        elif self.has_scheduled:
+            waiting = max(0, self.active - self.scheduled)
+        else:
+            waiting = 0
+        return waiting + self.pending
 
     @property
     def kv_cache_used_fraction(self) -> float:
@@ -261,6 +295,8 @@ class TritonMetrics:
             context=count(requests, "context"),
             waiting=count(requests, "waiting"),
             pending=max(0, int(pending)) if math.isfinite(pending) else 0,
+            has_scheduled="scheduled" in requests,
+            has_waiting="waiting" in requests,
             kv_max_blocks=count(blocks, "max"),
             kv_free_blocks=count(blocks, "free"),
             kv_used_blocks=count(blocks, "used"),
@@ -639,8 +675,12 @@ class TritonEngine:
                     break
                 result, error = item
                 if error is not None:
-                    raise EngineError(
-                        f"Triton model {self.settings.triton_model!r} failed: {error.message()}"
+                    # This request's error response (module doc): the server serves on; a
+                    # health check at once tells whether the model itself went down.
+                    self._recheck.set()
+                    raise RequestFailed(
+                        f"Triton model {self.settings.triton_model!r} failed the request: "
+                        f"{error.message()}"
                     )
                 final = _is_final(result)
                 if _has_data(result):
@@ -694,7 +734,7 @@ class TritonEngine:
         metrics = self._metrics
         capacity = self._capacity()
         if metrics is not None:
-            active, queued = metrics.active, metrics.queued
+            active, queued = metrics.running, metrics.queued
             kv = metrics.kv_cache_used_fraction
         else:
             in_flight = len(self._streams)
@@ -773,9 +813,10 @@ class TritonEngine:
             inputs.append(tensor)
         return inputs, [grpcclient.InferRequestedOutput(name) for name in outputs]
 
-    def _stream_failed(self, exc: grpc.RpcError) -> EngineError:
-        """The error for a stream that failed with gRPC status; a connection failure also makes
-        the engine unhealthy until the model is ready again."""
+    def _stream_failed(self, exc: grpc.RpcError) -> EngineError | RequestFailed:
+        """The error for a stream that failed with gRPC status: a connection failure makes the
+        engine unhealthy until the model is ready again (EngineError); any other status is
+        Triton's answer to this request alone (RequestFailed, without Triton's address)."""
         s = self.settings
         if isinstance(exc, grpc.aio.AioRpcError):
             code, details = exc.code(), exc.details() or ""
@@ -784,7 +825,11 @@ class TritonEngine:
         if code in _CONNECTION_CODES:
             self._set_healthy(False, f"stream failed with {code.name}: {details}")
             self._recheck.set()
-        return EngineError(f"Triton at {s.url} ({s.triton_model}): {code.name}: {details}")
+            return EngineError(f"Triton at {s.url} ({s.triton_model}): {code.name}: {details}")
+        return RequestFailed(
+            f"Triton model {s.triton_model!r} refused the request: {code.name}: {details}",
+            invalid=code == grpc.StatusCode.INVALID_ARGUMENT,
+        )
 
     async def _drain(self, call: Any) -> None:
         """Read to the end of a stream whose answer is complete, so it ends uncancelled."""

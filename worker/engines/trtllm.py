@@ -44,11 +44,14 @@ but not ``enable_iter_perf_stats`` or ``stream_interval`` (it keeps iteration st
   ``numQueuedRequests`` plus requests submitted since, ``maxNumActiveRequests`` (else
   ``maxBatchSizeRuntime``, else the configured capacity) and KV blocks used / max.
 
-**Failures.** ``generate_async`` raising ``ValueError`` or ``TypeError`` (a request TensorRT-LLM
-refuses, e.g. longer than ``max_num_tokens``) fails that request only; ``RequestError`` while
-streaming fails that request only. Anything else (``RuntimeError`` after a shutdown, an error
-from the executor, the stats stream dying) means the engine failed: every request in flight gets
-:class:`EngineError` and :meth:`load` reports ``healthy=False`` from then on.
+**Failures.** A request's own failure is that request's error, :class:`RequestFailed`, and
+leaves the engine healthy: ``generate_async`` raising ``ValueError`` or ``TypeError`` (a request
+TensorRT-LLM refuses, e.g. longer than ``max_num_tokens``: INVALID_ARGUMENT), and
+``RequestError`` while streaming (INTERNAL; ``tensorrt_llm/executor/result.py`` raises it for a
+response whose ``has_error()`` is true, with the executor's ``error_msg``, for that request
+alone). Anything else (``RuntimeError`` after a shutdown, an error from the executor, the stats
+stream dying) means the engine failed: every request in flight gets :class:`EngineError` and
+:meth:`load` reports ``healthy=False`` from then on.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
+from llmmesh.errors import RequestFailed
 from llmmesh.validation import Sampling
 from worker.engines._base import (
     Completion,
@@ -375,7 +379,7 @@ class _Live:
         self.completed = False
         #: ``abort()`` was called on the RequestOutput.
         self.aborted = False
-        self.error: EngineError | None = None
+        self.error: EngineError | RequestFailed | None = None
         self.wake = asyncio.Event()
         self.pump: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -580,7 +584,9 @@ class TrtllmEngine:
                 request.prompt, sampling_params=params, streaming=True
             )
         except (ValueError, TypeError) as exc:
-            raise EngineError(f"TensorRT-LLM refused the request: {exc}") from exc
+            # TensorRT-LLM checks the request on submission (prompt length, sampling values):
+            # the request's input is at fault, not the engine.
+            raise RequestFailed(f"TensorRT-LLM refused the request: {exc}", invalid=True) from exc
         except Exception as exc:
             raise self._fail("TensorRT-LLM could not take a request", exc) from exc
         live = _Live(request, result)
@@ -608,7 +614,8 @@ class TrtllmEngine:
             live.ended = True
         except Exception as exc:
             if isinstance(exc, self._request_error):
-                live.error = EngineError(f"TensorRT-LLM failed the request: {exc}")
+                # This request's failure alone (see the module doc): the engine stays healthy.
+                live.error = RequestFailed(f"TensorRT-LLM failed the request: {exc}")
             else:
                 failure = self._fail("TensorRT-LLM failed while generating", exc)
                 if live.ending is None and live.error is None:
