@@ -13,7 +13,13 @@ Sampling fields take their effective values (defaults filled in, see
 :func:`llmmesh.validation.effective_sampling`), so leaving a field unset and setting it to its
 default give the same key. Floats are the float32 values the wire carries, written with ``repr``.
 Stop strings keep their order. Nothing else enters the key: not the request id, priority, cache
-policy, TTL or deadline. The key is ``llmmesh:v1:<64 hex digits>``.
+policy, TTL, failover policy or deadline. The key is ``llmmesh:v1:<64 hex digits>``.
+
+A request with a non-empty ``continuation`` (text to continue from, as the router sends when it
+continues a request on another worker) neither reads nor writes the cache: its answer is only the
+rest of an answer, so it must never be served the whole answer stored under the original's key,
+nor store its part there. The key's layout is therefore unchanged (the continuation never enters
+it), and validation refuses a continuation under CACHE_POLICY_ONLY_IF_CACHED.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ def cache_key(request: generate_pb2.GenerateRequest, *, tenant: str, limits: Lim
 
 
 def reads_cache(request: generate_pb2.GenerateRequest) -> bool:
-    """Whether the request may be answered from the cache."""
+    """Whether the request may be answered from the cache (never with a continuation)."""
+    if request.continuation:
+        return False
     policy = request.cache_policy
     if policy == generate_pb2.CACHE_POLICY_ONLY_IF_CACHED:
         return True
@@ -67,7 +75,10 @@ def reads_cache(request: generate_pb2.GenerateRequest) -> bool:
 
 
 def writes_cache(request: generate_pb2.GenerateRequest) -> bool:
-    """Whether a finished answer to the request is stored in the cache."""
+    """Whether a finished answer to the request is stored in the cache (never one that
+    continues from a ``continuation``: it is only the rest of an answer)."""
+    if request.continuation:
+        return False
     policy = request.cache_policy
     if policy in (generate_pb2.CACHE_POLICY_BYPASS, generate_pb2.CACHE_POLICY_ONLY_IF_CACHED):
         return False

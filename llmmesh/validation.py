@@ -89,6 +89,24 @@ def validate_request(request: generate_pb2.GenerateRequest, limits: Limits) -> N
         raise InvalidArgument("cache_policy", f"unknown value {request.cache_policy}")
     if request.priority not in generate_pb2.Priority.values():
         raise InvalidArgument("priority", f"unknown value {request.priority}")
+    _validate_continuation(request, limits)
+
+
+def _validate_continuation(request: generate_pb2.GenerateRequest, limits: Limits) -> None:
+    if request.failover not in generate_pb2.FailoverPolicy.values():
+        raise InvalidArgument("failover", f"unknown value {request.failover}")
+    chars = len(request.continuation)
+    if chars > limits.max_prompt_chars:
+        raise InvalidArgument(
+            "continuation",
+            f"is {chars} characters, longer than the limit of {limits.max_prompt_chars}",
+        )
+    if chars and request.cache_policy == generate_pb2.CACHE_POLICY_ONLY_IF_CACHED:
+        raise InvalidArgument(
+            "continuation",
+            "a request with a continuation is never answered from the cache, so it cannot use "
+            "CACHE_POLICY_ONLY_IF_CACHED",
+        )
 
 
 def _validate_input(request: generate_pb2.GenerateRequest, limits: Limits) -> None:

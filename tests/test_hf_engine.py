@@ -229,6 +229,56 @@ class TestText:
         assert "".join(pieces) == text
 
 
+def reference_greedy_after(model_dir: Path, prompt: str, continuation: str, tokens: int) -> str:
+    """transformers' own greedy answer to the prompt's tokens followed by the continuation's
+    (encoded alone, without special tokens), decoded in one go."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    ids = tokenizer.encode(prompt) + tokenizer.encode(continuation, add_special_tokens=False)
+    input_ids = torch.tensor([ids])
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text: str = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return text
+
+
+class TestContinuation:
+    """The model reads the prompt's tokens then the continuation's, and streams only what
+    follows, so greedy decoding continues from the continuation as transformers would."""
+
+    @pytest.mark.parametrize("continuation", [" on on", " the router streams", "12"])
+    async def test_greedy_goes_on_after_the_continuation(
+        self, hf: EngineFactory, tiny: TinyModels, continuation: str
+    ) -> None:
+        expected = reference_greedy_after(tiny.model, PROMPT, continuation, 16)
+        async with hf() as engine:
+            plain = await text_of(engine, request(max_tokens=16))
+            deltas, done = await run(
+                engine, replace(request(max_tokens=16), continuation=continuation)
+            )
+        assert expected
+        assert "".join(deltas) == expected
+        assert "".join(deltas) != plain
+        assert done.completion_tokens == 16
+
+    async def test_continuation_is_encoded_after_the_prompt_without_merging(
+        self, hf: EngineFactory, tiny: TinyModels
+    ) -> None:
+        """ "The rou" then "ter" are the prompt's tokens and then "ter"'s, as an answer's tokens
+        followed its prompt's, not the tokens of "The router"."""
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny.model))
+        async with hf() as engine:
+            _, done = await run(engine, replace(request("The rou"), continuation="ter"))
+        expected = len(tokenizer.encode("The rou")) + len(tokenizer.encode("ter"))
+        assert expected != len(tokenizer.encode("The router"))
+        assert done.prompt_tokens == expected
+
+
 class TestLimits:
     """max_tokens ends with "length", end-of-sequence and stop strings with "stop"."""
 

@@ -73,3 +73,28 @@ class TestProtos:
     def test_package_is_llmmesh_v1(self) -> None:
         """The generated messages live in the llmmesh.v1 proto package."""
         assert generate_pb2.DESCRIPTOR.package == "llmmesh.v1"
+
+    def test_failover_fields_are_in_the_contract(self) -> None:
+        """GenerateRequest carries continuation and failover; the summary attempts and workers,
+        under their own field numbers (additive to v1)."""
+        request = generate_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
+        assert (request["continuation"].number, request["continuation"].type) == (
+            9,
+            request["continuation"].TYPE_STRING,
+        )
+        assert request["failover"].number == 10
+        assert request["failover"].enum_type is generate_pb2.FailoverPolicy.DESCRIPTOR
+        assert generate_pb2.FailoverPolicy.items() == [
+            ("FAILOVER_POLICY_UNSPECIFIED", 0),
+            ("FAILOVER_POLICY_DISABLED", 1),
+        ]
+        summary = generate_pb2.GenerationSummary.DESCRIPTOR.fields_by_name
+        assert (summary["attempts"].number, summary["attempts"].type) == (
+            7,
+            summary["attempts"].TYPE_UINT32,
+        )
+        assert summary["workers"].number == 8
+        assert summary["workers"].is_repeated
+        # The defaults mean "as before": continue on failure, nothing to continue from.
+        assert generate_pb2.GenerateRequest().continuation == ""
+        assert generate_pb2.GenerateRequest().failover == generate_pb2.FAILOVER_POLICY_UNSPECIFIED

@@ -11,6 +11,8 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmmesh.validation import Sampling
 from tests.engine_contract import run, text_of
@@ -183,6 +185,124 @@ class TestStop:
             deltas, done = await run(engine, request(max_tokens=20, stop=("§never§",)))
         assert "".join(deltas) == reference
         assert done.finish_reason == "length"
+
+
+#: Quick and short: every answer ends by itself within 40 tokens.
+CONTINUE = replace(FAST, speed_factor=50.0, min_answer_tokens=5, max_answer_tokens=30)
+
+
+def tokens_in(text: str) -> int:
+    """The words ``text`` holds, a word cut at its end included (one token per word)."""
+    return len(text.split(" ")) if text else 0
+
+
+async def continued(
+    engine: SimEngine, req: EngineRequest, cut: int
+) -> tuple[str, Completion, str, Completion]:
+    """The whole answer to ``req``, and the answer to ``req`` continued from its first ``cut``
+    characters with ``max_tokens`` reduced by the tokens they hold."""
+    deltas, whole = await run(engine, req)
+    text = "".join(deltas)
+    sent = text[:cut]
+    rest = replace(
+        req,
+        request_id=f"r{next(_ids)}",
+        continuation=sent,
+        sampling=replace(req.sampling, max_tokens=req.sampling.max_tokens - tokens_in(sent)),
+    )
+    more, done = await run(engine, rest)
+    return text, whole, "".join(more), done
+
+
+class TestContinuation:
+    """A request continued from the start of its own answer gets exactly the rest of it."""
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        prompt=st.text(min_size=1, max_size=60),
+        seed=st.none() | st.integers(min_value=0, max_value=2**64 - 1),
+        max_tokens=st.integers(min_value=2, max_value=40),
+        fraction=st.floats(min_value=0.0, max_value=1.0),
+    )
+    def test_continuing_a_prefix_gives_the_rest(
+        self, prompt: str, seed: int | None, max_tokens: int, fraction: float
+    ) -> None:
+        """For any cut of the answer (between words or inside one), greedy or seeded: the
+        continued text is the rest of the answer, with the same finish and the rest's tokens."""
+        sampling = {"temperature": 0.0} if seed is None else {"temperature": 0.9, "seed": seed}
+        req = request(prompt, max_tokens=max_tokens, **sampling)
+
+        async def check() -> None:
+            engine = SimEngine(CONTINUE)
+            await engine.start()
+            try:
+                whole_text = await text_of(engine, req)
+                cut = int(len(whole_text) * fraction)
+                if tokens_in(whole_text[:cut]) >= max_tokens:
+                    cut = len(" ".join(whole_text.split(" ")[: max_tokens - 1]))
+                text, whole, rest, done = await continued(engine, req, cut)
+            finally:
+                await engine.stop()
+            assert text[:cut] + rest == text
+            assert done.finish_reason == whole.finish_reason
+            assert done.completion_tokens == whole.completion_tokens - tokens_in(text[:cut])
+
+        asyncio.run(check())
+
+    @pytest.mark.parametrize("words", [1, 2, 5, 11])
+    async def test_continuing_after_k_words(self, sim: EngineFactory, words: int) -> None:
+        async with sim(CONTINUE) as engine:
+            reference = await text_of(engine, request(max_tokens=40))
+            cut = len(" ".join(reference.split(" ")[:words]))
+            text, whole, rest, done = await continued(engine, request(max_tokens=40), cut)
+        assert text == reference
+        assert rest.startswith(" ")
+        assert reference[:cut] + rest == reference
+        assert done.completion_tokens == whole.completion_tokens - words
+
+    async def test_continuing_with_a_stop_string(self, sim: EngineFactory) -> None:
+        """Cut anywhere before the stop string: the rest still ends before it."""
+        async with sim(CONTINUE, min_answer_tokens=30) as engine:
+            reference = await text_of(engine, request(max_tokens=40))
+            stop = reference[40:44]
+            req = request(max_tokens=40, stop=(stop,))
+            for cut in (3, 17, reference.find(stop) - 1):
+                text, whole, rest, done = await continued(engine, req, cut)
+                assert text == reference[: reference.find(stop)]
+                assert text[:cut] + rest == text
+                assert (whole.finish_reason, done.finish_reason) == ("stop", "stop")
+
+    async def test_continuation_holding_the_whole_answer_ends_at_once(
+        self, sim: EngineFactory
+    ) -> None:
+        async with sim(CONTINUE) as engine:
+            _, whole, rest, done = await continued(engine, request(max_tokens=40), 10**6)
+        assert whole.finish_reason == "stop"
+        assert (rest, done.finish_reason, done.completion_tokens) == ("", "stop", 0)
+
+    async def test_prompt_tokens_include_the_continuation(self, sim: EngineFactory) -> None:
+        async with sim() as engine:
+            _, done = await run(engine, replace(request("x" * 40), continuation="y" * 40))
+        assert done.prompt_tokens == 20
+
+    async def test_another_continuation_gets_a_fresh_deterministic_answer(
+        self, sim: EngineFactory
+    ) -> None:
+        """Text the engine would not have written: it goes on after it, the same each time."""
+        foreign = replace(request(), continuation="Once upon a time")
+        async with sim() as engine:
+            first = await text_of(engine, foreign)
+            again = await text_of(engine, replace(foreign, request_id="again"))
+            plain = await text_of(engine, request())
+        assert first == again
+        assert first.startswith(" ")
+        assert first != plain
+
+    async def test_no_continuation_leaves_the_answer_unchanged(self, sim: EngineFactory) -> None:
+        async with sim() as engine:
+            plain = await text_of(engine, request())
+            empty = await text_of(engine, replace(request(), continuation=""))
+        assert plain == empty
 
 
 async def _first_delta(engine: SimEngine, req: EngineRequest) -> asyncio.Task[Completion]:

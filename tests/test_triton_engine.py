@@ -176,6 +176,28 @@ class TestGenerate:
             assert done.queue_s == 0.0
 
 
+@pytest.mark.parametrize("model", MODELS)
+class TestContinuation:
+    """text_input is the prompt then the continuation; the text excludes both."""
+
+    async def test_text_input_carries_the_continuation(self, model: str) -> None:
+        said = " In-flight batching"
+        async with serving() as triton, engine_for(triton, model) as engine:
+            deltas, done = await run(engine, replace(request(), continuation=said))
+            sent = triton.requests[-1].inputs
+            assert sent["text_input"].value == (PROMPT + said).encode()
+            assert sent["exclude_input_in_output"].value
+            assert "".join(deltas) == triton.expected_text(PROMPT + said)
+            assert "".join(deltas) != triton.expected_text(PROMPT)
+            assert done.prompt_tokens == triton.prompt_tokens(PROMPT + said)
+
+    async def test_estimated_prompt_tokens_include_the_continuation(self, model: str) -> None:
+        said = " In-flight batching"
+        async with serving(token_counts=False) as triton, engine_for(triton, model) as engine:
+            _, done = await run(engine, replace(request(), continuation=said))
+            assert done.prompt_tokens == engine.count_tokens(PROMPT + said)
+
+
 class TestFinalResponse:
     """The answer ends at the first final flag, or where Triton ends the stream: never a hang."""
 

@@ -182,6 +182,26 @@ class TestStreaming:
         assert completion.completion_tokens == 10
 
 
+class TestContinuation:
+    """The prompt given to generate_async is the prompt then the continuation; the text streamed
+    is TensorRT-LLM's output only."""
+
+    async def test_continuation_reaches_generate_async_and_not_the_text(
+        self, engine: TrtllmEngine, trtllm: ModuleType
+    ) -> None:
+        long_answers(trtllm)
+        plain, _ = await run(engine, request(max_tokens=8))
+        req = replace(request(max_tokens=8), continuation=" already said")
+        deltas, completion = await run(engine, req)
+        result = the_llm(trtllm).executor.results[-1]
+        assert result.prompt == PROMPT + " already said"
+        assert "".join(deltas) == result.outputs[0].text
+        assert "already said" not in "".join(deltas)
+        assert "".join(deltas) != "".join(plain)  # the model read more than the prompt
+        assert completion.prompt_tokens == len(result.prompt_token_ids) == 6  # <s> and 5 words
+        assert completion.completion_tokens == 8
+
+
 class TestSamplingParams:
     """Our sampling maps onto SamplingParams: max_tokens always, top_k 0 as None, stop as a list."""
 

@@ -232,6 +232,58 @@ class TestGenerate:
         assert response.summary.usage.prompt_tokens > plain.summary.usage.prompt_tokens
 
 
+class TestContinuation:
+    """A request continued from the start of its answer gets the rest of it, unary or streamed."""
+
+    @pytest.mark.parametrize("words", [1, 7, 19])
+    async def test_unary_and_stream_continue_the_answer(self, words: int) -> None:
+        async with serve() as w:
+            whole = await w.stub.Generate(generate_request(), timeout=10)
+            sent = " ".join(whole.text.split(" ")[:words])
+            request = generate_request(max_tokens=30 - words)
+            request.continuation = sent
+            unary = await w.stub.Generate(request, timeout=10)
+            chunks = [c async for c in w.stub.GenerateStream(request, timeout=10)]
+        assert sent + unary.text == whole.text
+        assert "".join(c.text for c in chunks) == unary.text
+        for summary in (unary.summary, chunks[-1].summary):
+            assert summary.finish_reason == whole.summary.finish_reason
+            assert summary.usage.completion_tokens == 30 - words
+            assert summary.usage.prompt_tokens == math.ceil(
+                len(request.prompt + request.continuation) / 4
+            )
+
+    async def test_chat_continuation_follows_the_generation_prompt(self) -> None:
+        chat = generate_pb2.GenerateRequest(
+            model=MODEL,
+            messages=[generate_pb2.ChatMessage(role="user", content="Hello")],
+            sampling=generate_pb2.SamplingParams(temperature=0, max_tokens=12),
+        )
+        async with serve() as w:
+            whole = await w.stub.Generate(chat, timeout=10)
+            sent = " ".join(whole.text.split(" ")[:4])
+            chat.continuation = sent
+            chat.sampling.max_tokens = 8
+            rest = await w.stub.Generate(chat, timeout=10)
+        assert sent + rest.text == whole.text
+
+    async def test_engine_is_given_the_continuation(self) -> None:
+        seen: list[EngineRequest] = []
+
+        class Recording(SimEngine):
+            def _submit(self, request: EngineRequest) -> Any:
+                seen.append(request)
+                return super()._submit(request)
+
+        engine = Recording(SimSettings(token_delay=timedelta(milliseconds=1)))
+        async with serve(engine=engine) as w:
+            request = generate_request()
+            request.continuation = "Already said"
+            await w.stub.Generate(request, timeout=10)
+        assert (seen[0].prompt, seen[0].continuation) == (request.prompt, "Already said")
+        assert seen[0].input_text == request.prompt + "Already said"
+
+
 class TestGetInfo:
     """GetInfo describes the worker and its engine."""
 
@@ -291,6 +343,9 @@ class TestValidation:
             (_long_chat, "messages: is"),
             (_bad_role, "messages[0].role"),
             (_set("request_id", "bad id with spaces"), "request_id"),
+            (_set("continuation", "x" * 5000), "continuation: is 5000 characters"),
+            (_set("continuation", "x" * 800), "continuation: makes the prompt 208 tokens"),
+            (_set("failover", 9), "failover"),
         ],
     )
     async def test_invalid_argument_names_the_field(

@@ -19,7 +19,9 @@ def render_chat(messages: Iterable[generate_pb2.ChatMessage]) -> str:
 
 
 def prompt_of(request: generate_pb2.GenerateRequest) -> str:
-    """The text an engine is given: the prompt, or the rendered chat messages."""
+    """The prompt an engine is given: the prompt, or the rendered chat messages ending with the
+    assistant's cue (the generation prompt). A request's ``continuation`` is not part of it: the
+    engine reads it right after (:attr:`worker.engines.EngineRequest.input_text`)."""
     if request.messages:
         return render_chat(request.messages)
     return request.prompt

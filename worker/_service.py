@@ -7,7 +7,7 @@ One request, as the worker sees it::
       ├─ draining? ─────────────────────────────▶ UNAVAILABLE "worker is draining"
       ├─ validate (Limits, model, prompt tokens) ▶ INVALID_ARGUMENT naming the field / NOT_FOUND
       ├─ capacity + max_queued in flight? ──────▶ RESOURCE_EXHAUSTED
-      └─ engine.generate(deadline = the caller's)
+      └─ engine.generate(prompt + continuation, deadline = the caller's)
            ├─ text deltas ──▶ caller (one chunk each when streaming)
            ├─ Completion stop/length ──▶ summary
            ├─ Completion timeout, or the caller's deadline passes ─▶ abort ▶ DEADLINE_EXCEEDED
@@ -16,7 +16,9 @@ One request, as the worker sees it::
 Engine failures (:class:`~worker.engines.EngineError`: the engine is down) become UNAVAILABLE in
 :meth:`WorkerApp._engine_errors`, the one place they are translated; a request the engine failed
 on its own (:class:`~llmmesh.errors.RequestFailed`) gets INTERNAL or INVALID_ARGUMENT with the
-engine's message there too, and leaves the worker SERVING. The streaming RPCs use
+engine's message there too, and leaves the worker SERVING. A request's ``continuation`` (text
+already produced for it) goes to the engine with the prompt: the engine reads the prompt followed
+by it and the worker returns only the text generated after it. The streaming RPCs use
 gRPC's reader/writer API (``context.write``) rather than async generators, so a cancellation
 always arrives inside the handler's own code, where the engine request can be aborted.
 """
@@ -312,6 +314,13 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
         if tokens > limit:
             field = "messages" if request.messages else "prompt"
             raise InvalidArgument(field, f"is {tokens} tokens, longer than the limit of {limit}")
+        if request.continuation:
+            tokens = self.engine.count_tokens(prompt + request.continuation)
+            if tokens > limit:
+                raise InvalidArgument(
+                    "continuation",
+                    f"makes the prompt {tokens} tokens, longer than the limit of {limit}",
+                )
         if not self.engine.load().healthy:
             raise Unavailable(f"the {info.engine} engine of worker {self.worker_id} is unhealthy")
         remaining: float | None = context.time_remaining()
@@ -332,6 +341,7 @@ class WorkerApp(worker_pb2_grpc.WorkerServicer):
             prompt=prompt,
             sampling=effective_sampling(request, self._limits),
             deadline=None if remaining is None else received + remaining,
+            continuation=request.continuation,
         )
 
     async def _run(

@@ -24,33 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc8\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x8f\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x17.llmmesh.v1.CachePolicy\x12&\n\x08priority\x18\x07 \x01(\x0e\x32\x14.llmmesh.v1.Priority\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x08 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xc6\x01\n\x11GenerationSummary\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.llmmesh.v1.Timings\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"s\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x07summary\x18\x04 \x01(\x0b\x32\x1d.llmmesh.v1.GenerationSummary\"j\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1d.llmmesh.v1.GenerationSummary*\x7f\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x12\x1f\n\x1b\x43\x41\x43HE_POLICY_ONLY_IF_CACHED\x10\x03*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x19\n\x15\x46INISH_REASON_TIMEOUT\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc8\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xd3\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x17.llmmesh.v1.CachePolicy\x12&\n\x08priority\x18\x07 \x01(\x0e\x32\x14.llmmesh.v1.Priority\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x08 \x01(\r\x12\x14\n\x0c\x63ontinuation\x18\t \x01(\t\x12,\n\x08\x66\x61ilover\x18\n \x01(\x0e\x32\x1a.llmmesh.v1.FailoverPolicy\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xe9\x01\n\x11GenerationSummary\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.llmmesh.v1.Timings\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x12\x0f\n\x07workers\x18\x08 \x03(\t\"s\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x07summary\x18\x04 \x01(\x0b\x32\x1d.llmmesh.v1.GenerationSummary\"j\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1d.llmmesh.v1.GenerationSummary*\x7f\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x02\x12\x1f\n\x1b\x43\x41\x43HE_POLICY_ONLY_IF_CACHED\x10\x03*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x19\n\x15\x46INISH_REASON_TIMEOUT\x10\x04*O\n\x0e\x46\x61iloverPolicy\x12\x1f\n\x1b\x46\x41ILOVER_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILOVER_POLICY_DISABLED\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmmesh.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHEPOLICY']._serialized_start=1128
-  _globals['_CACHEPOLICY']._serialized_end=1255
-  _globals['_PRIORITY']._serialized_start=1257
-  _globals['_PRIORITY']._serialized_end=1351
-  _globals['_FINISHREASON']._serialized_start=1354
-  _globals['_FINISHREASON']._serialized_end=1505
+  _globals['_CACHEPOLICY']._serialized_start=1231
+  _globals['_CACHEPOLICY']._serialized_end=1358
+  _globals['_PRIORITY']._serialized_start=1360
+  _globals['_PRIORITY']._serialized_end=1454
+  _globals['_FINISHREASON']._serialized_start=1457
+  _globals['_FINISHREASON']._serialized_end=1608
+  _globals['_FAILOVERPOLICY']._serialized_start=1610
+  _globals['_FAILOVERPOLICY']._serialized_end=1689
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_SAMPLINGPARAMS']._serialized_start=88
   _globals['_SAMPLINGPARAMS']._serialized_end=288
   _globals['_GENERATEREQUEST']._serialized_start=291
-  _globals['_GENERATEREQUEST']._serialized_end=562
-  _globals['_USAGE']._serialized_start=564
-  _globals['_USAGE']._serialized_end=621
-  _globals['_TIMINGS']._serialized_start=623
-  _globals['_TIMINGS']._serialized_end=700
-  _globals['_GENERATIONSUMMARY']._serialized_start=703
-  _globals['_GENERATIONSUMMARY']._serialized_end=901
-  _globals['_GENERATERESPONSE']._serialized_start=903
-  _globals['_GENERATERESPONSE']._serialized_end=1018
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1020
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1126
+  _globals['_GENERATEREQUEST']._serialized_end=630
+  _globals['_USAGE']._serialized_start=632
+  _globals['_USAGE']._serialized_end=689
+  _globals['_TIMINGS']._serialized_start=691
+  _globals['_TIMINGS']._serialized_end=768
+  _globals['_GENERATIONSUMMARY']._serialized_start=771
+  _globals['_GENERATIONSUMMARY']._serialized_end=1004
+  _globals['_GENERATERESPONSE']._serialized_start=1006
+  _globals['_GENERATERESPONSE']._serialized_end=1121
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1123
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1229
 # @@protoc_insertion_point(module_scope)

@@ -111,6 +111,40 @@ FINISH_REASON_TIMEOUT: FinishReason.ValueType  # 4
 """The request ran out of time inside the engine."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _FailoverPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailoverPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailoverPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILOVER_POLICY_UNSPECIFIED: _FailoverPolicy.ValueType  # 0
+    """The default: when the worker fails after text was sent (connection lost, engine failed,
+    drain timeout), continue on another worker of the same model by resending the request with
+    the text already relayed as `continuation`, the same sampling settings and seed, and
+    max_tokens reduced by what was sent; the caller sees one uninterrupted answer. Bounded by
+    the router's retry limits and the caller's deadline.
+    """
+    FAILOVER_POLICY_DISABLED: _FailoverPolicy.ValueType  # 1
+    """Never continue elsewhere: a worker failure after the first text ends the call with
+    UNAVAILABLE.
+    """
+
+class FailoverPolicy(_FailoverPolicy, metaclass=_FailoverPolicyEnumTypeWrapper):
+    """Whether the router may continue a request on another worker when its worker fails mid-answer."""
+
+FAILOVER_POLICY_UNSPECIFIED: FailoverPolicy.ValueType  # 0
+"""The default: when the worker fails after text was sent (connection lost, engine failed,
+drain timeout), continue on another worker of the same model by resending the request with
+the text already relayed as `continuation`, the same sampling settings and seed, and
+max_tokens reduced by what was sent; the caller sees one uninterrupted answer. Bounded by
+the router's retry limits and the caller's deadline.
+"""
+FAILOVER_POLICY_DISABLED: FailoverPolicy.ValueType  # 1
+"""Never continue elsewhere: a worker failure after the first text ends the call with
+UNAVAILABLE.
+"""
+Global___FailoverPolicy: _TypeAlias = FailoverPolicy  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """One turn of a chat conversation."""
@@ -218,6 +252,8 @@ class GenerateRequest(_message.Message):
     CACHE_POLICY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    CONTINUATION_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to run, as the workers name it (for example "sim-llama-3.1-8b")."""
     prompt: _builtins.str
@@ -233,6 +269,22 @@ class GenerateRequest(_message.Message):
     cache_ttl_seconds: _builtins.int
     """Time to live of a cached answer, in seconds; 0 means the cache service's default. Capped at
     the cache service's maximum.
+    """
+    continuation: _builtins.str
+    """Text already produced for this request, to continue from (the router sets it when it
+    continues a request on another worker; a caller may set it too). The engine treats it as the
+    start of the answer: it is appended after the chat template's generation prompt (for
+    messages) or after the raw prompt, and the engine generates the rest. The returned text
+    excludes it; max_tokens and Usage.completion_tokens count only the new tokens, while
+    Usage.prompt_tokens includes it. At most as many characters as the prompt may have, and the
+    prompt and continuation together must fit the worker's prompt token limit. A request with a
+    continuation is never answered from nor stored in the response cache, so it cannot use
+    CACHE_POLICY_ONLY_IF_CACHED. Deterministic engines (the simulator, greedy decoding) continue
+    their own answer exactly: the text is the rest of the answer to the request without it.
+    """
+    failover: Global___FailoverPolicy.ValueType
+    """Whether the router may continue this request on another worker if its worker fails after
+    the first text.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
@@ -253,10 +305,12 @@ class GenerateRequest(_message.Message):
         cache_policy: Global___CachePolicy.ValueType = ...,
         priority: Global___Priority.ValueType = ...,
         cache_ttl_seconds: _builtins.int = ...,
+        continuation: _builtins.str = ...,
+        failover: Global___FailoverPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_policy", b"cache_policy", "cache_ttl_seconds", b"cache_ttl_seconds", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_policy", b"cache_policy", "cache_ttl_seconds", b"cache_ttl_seconds", "continuation", b"continuation", "failover", b"failover", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,6 +386,8 @@ class GenerationSummary(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation stopped."""
     cached: _builtins.bool
@@ -342,6 +398,11 @@ class GenerationSummary(_message.Message):
     """
     model_version: _builtins.str
     """The version of the model that produced the answer."""
+    attempts: _builtins.int
+    """How many times the router dispatched this request to a worker, the one that finished it
+    included: 1 when the first worker answered, more after retries or a mid-answer failover, 0
+    for an answer from the cache. Set by the router; a worker's own summary leaves it 0.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token counts."""
@@ -349,6 +410,13 @@ class GenerationSummary(_message.Message):
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Timings of this request."""
+
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the workers that generated parts of the answer, in order (the last one is
+        worker_id); more than one when the request failed over mid-answer. Set by the router; a
+        worker's own summary leaves it empty.
+        """
 
     def __init__(
         self,
@@ -359,10 +427,12 @@ class GenerationSummary(_message.Message):
         worker_id: _builtins.str = ...,
         timings: Global___Timings | None = ...,
         model_version: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        workers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "finish_reason", b"finish_reason", "model_version", b"model_version", "timings", b"timings", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cached", b"cached", "finish_reason", b"finish_reason", "model_version", b"model_version", "timings", b"timings", "usage", b"usage", "worker_id", b"worker_id", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

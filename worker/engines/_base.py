@@ -11,6 +11,9 @@ A request's life in an engine::
     abort(request_id) ────────┘  frees the batch slot and KV blocks at once; the stream then
                                  ends with Completion(finish_reason="cancelled")
 
+A request may carry a ``continuation`` (text already produced for it, by this engine or another
+worker's): the engine then reads the prompt followed by it and streams only what comes after.
+
 Times are ``time.monotonic()`` seconds.
 """
 
@@ -92,12 +95,22 @@ class EngineRequest:
 
     #: Unique among the engine's live requests; :meth:`Engine.abort` takes it.
     request_id: str
-    #: The prompt text (chat messages already rendered with the chat template).
+    #: The prompt text (chat messages already rendered with the chat template, ending with its
+    #: generation prompt).
     prompt: str
-    #: Sampling parameters with every default filled in.
+    #: Sampling parameters with every default filled in (``max_tokens`` counts new tokens only).
     sampling: Sampling
     #: ``time.monotonic()`` after which the engine ends the request with finish "timeout".
     deadline: float | None = None
+    #: Text already produced for this request (``GenerateRequest.continuation``): the start of
+    #: the answer. The engine reads :attr:`input_text`, generates what follows the continuation
+    #: and streams only that; its prompt tokens include the continuation's.
+    continuation: str = ""
+
+    @property
+    def input_text(self) -> str:
+        """What the model reads: the prompt followed by the continuation."""
+        return self.prompt + self.continuation
 
 
 @dataclass(frozen=True, slots=True)

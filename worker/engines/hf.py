@@ -32,6 +32,11 @@ tokenizer and model load with ``local_files_only=True`` from directories that mu
   ``queued``: waiting for a slot. transformers has no paged KV cache to measure, so
   ``kv_cache_used_fraction`` is the tokens held by running requests (prompt + generated) over
   ``capacity * the model's context length``: the share of the worst-case KV cache in use.
+- **Continuation.** The input is the prompt's tokens followed by the continuation's (encoded
+  without special tokens); only the tokens after them are decoded and streamed, with the input's
+  last tokens as the decoder's context. Greedy decoding thus continues its own answer where the
+  continuation's tokens re-encode as they were generated. Prompt tokens include the
+  continuation's.
 - **Failure.** An unexpected error in ``generate`` (CUDA out of memory, a crashed kernel) marks the
   engine unhealthy and fails every live request with :class:`EngineError`.
 """
@@ -546,6 +551,18 @@ class HfEngine(OutboxEngine[_Live]):
         ids: list[int] = self._loaded.tokenizer.encode(text)
         return ids
 
+    def _input_ids(self, request: EngineRequest) -> list[int]:
+        """The prompt's tokens followed by the continuation's, encoded on its own (no special
+        tokens) as the answer's tokens followed the prompt's when they were generated, rather
+        than merged with the prompt's last token."""
+        ids = self._encode(request.prompt)
+        if request.continuation and self._loaded is not None:
+            more: list[int] = self._loaded.tokenizer.encode(
+                request.continuation, add_special_tokens=False
+            )
+            ids.extend(more)
+        return ids
+
     # -- scheduling (event loop) -----------------------------------------------------------------
 
     def _submit(self, request: EngineRequest) -> _Live:
@@ -555,7 +572,7 @@ class HfEngine(OutboxEngine[_Live]):
             raise EngineError("hf engine is not running")
         if request.request_id in self._live:
             raise EngineError(f"request id {request.request_id!r} is already running")
-        prompt_ids = self._encode(request.prompt)
+        prompt_ids = self._input_ids(request)
         if not prompt_ids:
             if self._loaded.tokenizer.bos_token_id is None:
                 raise EngineError("the prompt encodes to no tokens")

@@ -69,6 +69,15 @@ answer length drawn the same way: reaching it finishes with "stop", reaching ``m
 first with "length". Stop strings end the text before their first occurrence, even when it spans
 tokens (text that may begin a stop string is held back until it cannot).
 
+**Continuation.** A request with a ``continuation`` (text already produced for it) reads the
+prompt followed by it and streams what comes after. When the continuation is the start of the
+answer the simulator gives the request without it (a deterministic request, which is what a
+failed-over stream sends), the simulator replays its PRNG over those words and goes on from
+there, so the text is exactly the rest of that answer, with the same natural length; a
+continuation cut inside a word resumes with the rest of the word. Any other continuation starts a
+fresh answer seeded from the prompt and the continuation together. ``max_tokens`` and the
+completion tokens count only the new tokens; the prompt tokens include the continuation.
+
 **Load.** :meth:`SimEngine.iteration_stats` reports TensorRT-LLM's iteration statistics
 (``numActiveRequests``, ``kvCacheStats``, ``inflightBatchingStats``, ...); :meth:`SimEngine.load`
 is derived from the same state. **Prompt tokens** are ``ceil(len(prompt) / 4)``.
@@ -192,24 +201,29 @@ def count_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
-def text_rng(request: EngineRequest) -> random.Random:
+def text_rng(request: EngineRequest, *, continuation: str = "") -> random.Random:
     """The PRNG that writes a request's answer: seeded from the request when deterministic.
 
     Greedy decoding (temperature 0) picks the most likely token whatever the seed, top_p and
-    top_k say, as a real engine does, so the answer then depends on the prompt alone.
+    top_k say, as a real engine does, so the answer then depends on the prompt alone. A
+    ``continuation`` given here (one that is not the start of the request's own answer) enters
+    the seed; the request's own ``continuation`` does not.
     """
     s = request.sampling
     if s.temperature > 0 and s.seed is None:
         return random.Random()  # seeded from os.urandom: a fresh answer every time
     sampled = s.temperature > 0
+    doc: dict[str, object] = {
+        "prompt": request.prompt,
+        "temperature": s.temperature,
+        "top_p": s.top_p if sampled else None,
+        "top_k": s.top_k if sampled else None,
+        "seed": s.seed if sampled else None,
+    }
+    if continuation:
+        doc["continuation"] = continuation
     canonical = json.dumps(
-        {
-            "prompt": request.prompt,
-            "temperature": s.temperature,
-            "top_p": s.top_p if sampled else None,
-            "top_k": s.top_k if sampled else None,
-            "seed": s.seed if sampled else None,
-        },
+        doc,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -249,9 +263,11 @@ class _Live(Outbox):
         "answer_tokens",
         "blocks",
         "context_left",
+        "continued",
         "generated",
         "held",
         "id",
+        "lead",
         "max_stop_chars",
         "max_tokens",
         "prefix_keys",
@@ -269,7 +285,7 @@ class _Live(Outbox):
         super().__init__()
         self.request = request
         self.id = request.request_id
-        self.prompt_tokens = count_tokens(request.prompt)
+        self.prompt_tokens = count_tokens(request.input_text)
         self.max_tokens = request.sampling.max_tokens
         self.stop = request.sampling.stop
         self.max_stop_chars = max((len(s) for s in self.stop), default=0)
@@ -278,7 +294,7 @@ class _Live(Outbox):
             settings.min_answer_tokens, settings.max_answer_tokens
         )
         self.prefix_keys = (
-            prefix_block_keys(request.prompt, settings.tokens_per_block)
+            prefix_block_keys(request.input_text, settings.tokens_per_block)
             if settings.enable_block_reuse
             else []
         )
@@ -294,6 +310,34 @@ class _Live(Outbox):
         #: Generated text not yet handed over (it may begin a stop string).
         self.held = ""
         self.sentence_start = True
+        #: What goes before the next word: nothing at the very start of the answer.
+        self.lead = ""
+        #: Tokens of the answer already in the continuation (not counted as generated).
+        self.continued = 0
+        if request.continuation:
+            self._resume(request, settings)
+
+    def _resume(self, request: EngineRequest, settings: SimSettings) -> None:
+        """Go on after the request's continuation (see "Continuation" in the module docstring)."""
+        continuation = request.continuation
+        s = request.sampling
+        if s.temperature == 0 or s.seed is not None:
+            text = ""
+            while len(text) < len(continuation) and continuation.startswith(text):
+                text += self.next_word()
+                self.continued += 1
+            if text.startswith(continuation):
+                self.held = text[len(continuation) :]  # the rest of a word cut in two
+                return
+        # Not this request's own answer: a fresh one after it, deterministic when the request is.
+        self.rng = text_rng(request, continuation=continuation)
+        self.continued = len(continuation.split())
+        self.answer_tokens = self.continued + self.rng.randint(
+            settings.min_answer_tokens, settings.max_answer_tokens
+        )
+        tail = continuation.rstrip()
+        self.sentence_start = not tail or tail.endswith((".", "!", "?"))
+        self.lead = "" if continuation[-1].isspace() else " "
 
     def next_word(self) -> str:
         """The next token's text (a word with its leading space and punctuation)."""
@@ -307,7 +351,8 @@ class _Live(Outbox):
             word += "."
         elif roll < 0.14:
             word += ","
-        return word if self.generated == 0 else " " + word
+        lead, self.lead = self.lead, " "
+        return lead + word
 
     def send(self, text: str) -> None:
         """Hand ``text`` to the consumer."""
@@ -680,6 +725,9 @@ class SimEngine(OutboxEngine[_Live]):
                 self._produce_token(live)  # the last context chunk yields the first token
 
     def _produce_token(self, live: _Live) -> None:
+        if live.continued >= live.answer_tokens:  # the continuation held the whole answer
+            self._finish(live, "stop")
+            return
         word = live.next_word()
         live.generated += 1
         tokens = live.prompt_tokens + live.generated
@@ -699,8 +747,9 @@ class SimEngine(OutboxEngine[_Live]):
                 held = held[len(held) - keep :]
             live.held = held
         else:
-            live.send(word)
-        if live.generated >= live.answer_tokens:
+            live.send(live.held + word)  # held: the rest of a word the continuation cut
+            live.held = ""
+        if live.continued + live.generated >= live.answer_tokens:
             self._finish(live, "stop")
         elif live.generated >= live.max_tokens:
             self._finish(live, "length")

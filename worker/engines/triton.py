@@ -28,6 +28,8 @@ Decisions worth knowing:
   ``[1, 1]``; ``stop_words`` ``[1, N]``), each input's datatype as the model declares it, and the
   optional inputs (``top_k``, ``seed``, ``stop_words``, ``return_num_input_tokens``, ...) only
   when the model has them. Greedy decoding (temperature 0) is sent as ``top_k=1``.
+- **Continuation.** ``text_input`` is the request's prompt followed by its continuation, and
+  ``exclude_input_in_output`` keeps both out of the text that comes back.
 - **Finish reason.** Triton does not say why generation ended: "length" when the output tokens
   reached ``max_tokens``, else "stop" (an end-of-sequence token or a stop word).
 - **Token counts** come from the ``num_input_tokens``/``num_output_tokens`` outputs when the model
@@ -632,7 +634,7 @@ class TritonEngine:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             yield Completion(
                 finish_reason="timeout",
-                prompt_tokens=self.count_tokens(request.prompt),
+                prompt_tokens=self.count_tokens(request.input_text),
                 completion_tokens=0,
                 queue_s=0.0,
             )
@@ -711,7 +713,7 @@ class TritonEngine:
                 finish_reason=reason,
                 prompt_tokens=usage.prompt
                 if usage.prompt is not None
-                else self.count_tokens(request.prompt),
+                else self.count_tokens(request.input_text),
                 completion_tokens=usage.completion_tokens(sampling.max_tokens),
                 queue_s=usage.queue_s,
             )
@@ -770,7 +772,7 @@ class TritonEngine:
         io, grpcclient = self._io, self._grpcclient
         s = request.sampling
         rows: dict[str, list[Any]] = {
-            "text_input": [request.prompt.encode()],
+            "text_input": [request.input_text.encode()],  # the prompt, then the continuation
             "max_tokens": [s.max_tokens],
             "stream": [True],
             "exclude_input_in_output": [True],

@@ -28,6 +28,8 @@ but not ``enable_iter_perf_stats`` or ``stream_interval`` (it keeps iteration st
   notices a stop string only once it is complete in the text, after streaming the beginning of
   one that spans tokens, so the engine holds back a tail of text that could begin a stop string
   until it cannot, and cuts at a stop string itself should one ever get through.
+- *Continuation.* The prompt given to ``generate_async`` is the request's prompt followed by its
+  continuation; TensorRT-LLM's output text holds only what it generates after it.
 - *Token counts.* ``prompt_tokens`` is ``len(prompt_token_ids)``; ``completion_tokens`` is
   ``len(outputs[0].token_ids)``, which includes the end-of-sequence token when the model ended
   by itself (the text does not show it): generating it took a decode step like any other.
@@ -581,7 +583,7 @@ class TrtllmEngine:
         try:
             params = self._sampling_params(**sampling_kwargs(request.sampling))
             result = self._llm.generate_async(
-                request.prompt, sampling_params=params, streaming=True
+                request.input_text, sampling_params=params, streaming=True
             )
         except (ValueError, TypeError) as exc:
             # TensorRT-LLM checks the request on submission (prompt length, sampling values):
