@@ -35,6 +35,11 @@ COMMANDS: dict[str, Command] = {
         "the RPC hot path on loopback with h2load: a bare grpc.aio hop (the floor), a direct "
         "worker call, router miss and cache hit at 1/32/256, streamed tokens/s, CPU per request",
     ),
+    "chaos": Command(
+        "bench.chaos",
+        "a real mesh (2 routers, 4 sim workers, cache on Redis, Consul) under open-loop load, "
+        "one fault at a time: failed requests, p99 TTFT vs baseline, time until whole again",
+    ),
 }
 
 
