@@ -24,6 +24,7 @@ from router._cache_client import open_cache
 from router._config import RouterConfig
 from router._pool import WorkerPool, WorkerState
 from router._service import RouterService
+from router._stream_limits import StreamLimits
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +63,11 @@ class RouterApp:
             ),
             fill_lock_ttl=config.fill_lock_ttl,
             fill_max_wait=config.fill_max_wait,
+            stream_idle_timeout=config.stream_idle_timeout,
+            stream_limits=StreamLimits(
+                per_connection=config.max_streams_per_connection,
+                per_tenant=config.max_streams_per_tenant,
+            ),
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

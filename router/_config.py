@@ -162,6 +162,28 @@ class RouterConfig(ServerSettings, ConsulSettings):
             "caller's deadline, when sooner, ends the wait with DEADLINE_EXCEEDED)"
         },
     )
+    stream_idle_timeout: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata={
+            "help": "a streaming caller that reads nothing for this long (the router has waited "
+            "this long to hand it one message) is cancelled and counted; the worker's slot is "
+            "freed when the worker's stream ends either way; 0 never cancels"
+        },
+    )
+    max_streams_per_connection: int = field(
+        default=256,
+        metadata={
+            "help": "GenerateStream calls one HTTP/2 connection may hold open at once (beyond: "
+            "RESOURCE_EXHAUSTED); 0 is no limit"
+        },
+    )
+    max_streams_per_tenant: int = field(
+        default=1024,
+        metadata={
+            "help": "GenerateStream calls one tenant may hold open at once, over all its "
+            "connections (beyond: RESOURCE_EXHAUSTED); 0 is no limit"
+        },
+    )
     default_max_tokens: int = field(
         default=_LIMIT_DEFAULTS.default_max_tokens,
         metadata={"help": "max_tokens when a request leaves it unset"},
@@ -229,6 +251,16 @@ class RouterConfig(ServerSettings, ConsulSettings):
             )
         if self.admission_max_wait <= timedelta(0):
             raise ValueError("admission_max_wait: must be > 0")
+        if self.stream_idle_timeout < timedelta(0):
+            raise ValueError("stream_idle_timeout: must be >= 0")
+        if self.max_streams_per_connection < 0:
+            raise ValueError(
+                f"max_streams_per_connection: must be >= 0 (got {self.max_streams_per_connection})"
+            )
+        if self.max_streams_per_tenant < 0:
+            raise ValueError(
+                f"max_streams_per_tenant: must be >= 0 (got {self.max_streams_per_tenant})"
+            )
         if self.max_tokens_limit <= 0:
             raise ValueError(f"max_tokens_limit: must be > 0 (got {self.max_tokens_limit})")
         if not 0 < self.default_max_tokens <= self.max_tokens_limit:

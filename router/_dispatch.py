@@ -2,7 +2,10 @@
 
 Each attempt goes to the worker that router/_picking.py picks (waiting in the admission queue while
 every worker of the model is full), with the caller's remaining deadline at dispatch. Chunks are
-relayed as they arrive; a caller that cancels or runs out of time cancels the worker's call, which
+relayed as they arrive; a caller slower than its worker has the worker's stream drained into a
+buffer, so that the worker's slot is free when the worker is done, however slowly the caller
+reads, and a caller that reads nothing for ``stream_idle_timeout`` is cancelled
+(router/_drain.py). A caller that cancels or runs out of time cancels the worker's call, which
 aborts the engine request. A failure before the first chunk is retried on another worker (bounded,
 jittered, within the deadline); never after. A worker that refuses the request as Busy (another
 router took its slot first) sends it back to the head of the admission queue. Each attempt's
@@ -19,6 +22,8 @@ lost) is marked unavailable and counted towards ejection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
@@ -33,6 +38,7 @@ from router import _metrics as metrics
 from router._admission import AdmissionQueue
 from router._balancer import Policy
 from router._completion import complete_summary
+from router._drain import StreamDrain, StreamWatch
 from router._intake import Accepted
 from router._picking import Attempts, WorkerPicker
 from router._pool import Lease, Worker, WorkerPool
@@ -91,8 +97,13 @@ class Dispatcher:
         *,
         max_attempts: int,
         max_request_time: float,
+        default_max_tokens: int = 256,
+        stream_idle_timeout: float = 30.0,
     ) -> None:
         self.pool = pool
+        self._default_max_tokens = default_max_tokens
+        self._stream_idle_timeout = stream_idle_timeout
+        self._watch = StreamWatch(stream_idle_timeout)
         self.max_attempts = max_attempts
         self._picker = WorkerPicker(pool, policy, admission)
         self._max_request_time = max_request_time
@@ -149,28 +160,49 @@ class Dispatcher:
         self, accepted: Accepted, context: Context, scope: RpcScope, on_answer: OnAnswer
     ) -> AsyncGenerator[generate_pb2.GenerateStreamResponse, None]:
         """A worker's answer relayed as it is produced, the summary completed with the router's
-        view (and told to ``on_answer`` with the text)."""
+        view (and told to ``on_answer`` with the text).
+
+        The relay reads the worker's stream itself while the caller keeps up, and from a buffer
+        that a task fills once the caller is slower (router/_drain.py): the worker's slot is free
+        once its stream ends, however slowly the caller reads; a caller that reads nothing for
+        ``stream_idle_timeout`` is cancelled."""
         attempts = Attempts()
+        rpc = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        max_tokens = accepted.request.sampling.max_tokens or self._default_max_tokens
         while True:
             lease = await self._picker.acquire(accepted, attempts, context)
             worker = lease.worker
             scope.note(worker_id=worker.worker_id)
             relayed = False
             failure: errors.MeshError | None = None
-            with lease, _attempt_span("GenerateStream", attempts, worker) as attempt:
-                stream = worker.stub.GenerateStream(
-                    accepted.request,
-                    timeout=self._timeout(context),
-                    metadata=attempt.outgoing(self._worker_metadata),
-                )
-                # However the caller's RPC ends (cancelled, out of time, failed), the worker's
-                # call ends with it and the worker aborts the engine request. Cancelling a
-                # finished call is a no-op.
-                context.add_done_callback(_cancel_on_done(stream))
+            with _attempt_span("GenerateStream", attempts, worker) as attempt:
                 try:
-                    async for chunk in self._relay(accepted, attempts, lease, stream, on_answer):
+                    stream = worker.stub.GenerateStream(
+                        accepted.request,
+                        timeout=self._timeout(context),
+                        metadata=attempt.outgoing(self._worker_metadata),
+                    )
+                    # However the caller's RPC ends (cancelled, out of time, failed), the
+                    # worker's call ends with it and the worker aborts the engine request.
+                    # Cancelling a finished call is a no-op.
+                    context.add_done_callback(_cancel_on_done(stream))
+                    drain = StreamDrain(
+                        self._relay(accepted, attempts, lease, stream, on_answer),
+                        lease,
+                        max_tokens=max_tokens,
+                        on_idle=functools.partial(self._cancel_idle, scope, context, rpc, stream),
+                    )
+                except BaseException:
+                    lease.release()
+                    raise
+                self._watch.add(drain)
+                try:
+                    while (chunk := await drain.next()) is not None:
                         relayed = True
+                        drain.waiting_since = loop.time()
                         yield chunk
+                        drain.waiting_since = None
                     return
                 except errors.MeshError as exc:
                     # After the first chunk the caller has part of an answer: never retried.
@@ -179,10 +211,30 @@ class Dispatcher:
                     attempt.set_status(*tracing.status_of(exc, upstream=True))
                     failure = exc
                 finally:
+                    self._watch.discard(drain)
+                    drain.cancel()
                     stream.cancel()
-            # Out of the lease: the failed worker's slot is free during the pause.
+            # The drain released the failed worker's lease: its slot is free during the pause.
             assert failure is not None
             await self._before_retry(failure, worker, attempts, accepted, context)
+
+    def _cancel_idle(
+        self,
+        scope: RpcScope,
+        context: Context,
+        rpc: asyncio.Task[Any] | None,
+        call: grpc.aio.Call,
+    ) -> None:
+        """The caller has read nothing for ``stream_idle_timeout``: end its stream, and the
+        worker's call if it is still running."""
+        metrics.STREAMS_IDLE_CANCELLED.inc()
+        reason = (
+            f"the caller read nothing for {self._stream_idle_timeout:g} s (--stream-idle-timeout)"
+        )
+        scope.cancelled_because(reason)
+        log.warning("cancelling an idle stream", reason=reason)
+        call.cancel()
+        _abort_soon(context, reason, rpc)
 
     # -- an attempt's end, and the next -----------------------------------------------------
 
@@ -330,3 +382,23 @@ def _cancel_on_done(call: grpc.aio.Call) -> grpc.aio.DoneCallback[Any, Any]:
 
     # grpc-stubs declares the callback type as a class; at run time any callable will do.
     return cast("grpc.aio.DoneCallback[Any, Any]", cancel)
+
+
+def _abort_soon(context: Context, reason: str, rpc: asyncio.Task[Any] | None) -> None:
+    """End a caller's RPC from outside its task: its status, CANCELLED with ``reason``, goes
+    out after what the caller's flow-control window already holds (whenever it reads again, or
+    never: an HTTP/2 stream cannot be reset from grpc.aio's server API); its task, waiting to
+    hand the caller a message, is cancelled at once, which closes the relay."""
+
+    async def abort() -> None:
+        with contextlib.suppress(Exception):
+            await context.abort(grpc.StatusCode.CANCELLED, reason)
+
+    _ABORTS.add(task := asyncio.ensure_future(abort()))
+    task.add_done_callback(_ABORTS.discard)
+    if rpc is not None:
+        rpc.cancel()
+
+
+#: The aborts under way (asyncio keeps only weak references to tasks).
+_ABORTS: set[asyncio.Future[None]] = set()

@@ -124,6 +124,22 @@ RETRIES = Counter(
     "Requests sent to another worker after one failed before the first token, by status code.",
     ["code"],
 )
+STREAMS_IDLE_CANCELLED = Counter(
+    "llmmesh_router_streams_idle_cancelled_total",
+    "Streams the router cancelled because their caller read nothing for --stream-idle-timeout"
+    " (the worker's slot was freed when its stream ended, whatever the caller did).",
+)
+STREAMS_REFUSED = Counter(
+    "llmmesh_router_streams_refused_total",
+    "GenerateStream calls refused RESOURCE_EXHAUSTED because their caller already had the most"
+    " streams open that a limit allows, by limit: connection (--max-streams-per-connection) or"
+    " tenant (--max-streams-per-tenant).",
+    ["limit"],
+)
+OPEN_STREAMS = Gauge(
+    "llmmesh_router_open_streams",
+    "GenerateStream calls open now (counted against the per-connection and per-tenant limits).",
+)
 
 EJECTIONS = Counter(
     "llmmesh_router_ejections_total",
@@ -165,6 +181,8 @@ CACHE_FILL_LOCKS = Counter(
     " up without storing: the request failed or was cancelled).",
     ["event"],
 )
+for _limit in ("connection", "tenant"):
+    STREAMS_REFUSED.labels(_limit)
 for _via in ("router", "cache"):
     COALESCED.labels(_via)
 for _event in ("claimed", "held_elsewhere", "lost", "released"):

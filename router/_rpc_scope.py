@@ -38,6 +38,7 @@ class RpcScope:
         self._quiet = quiet
         self._errors = errors.grpc_errors(context)
         self._fields: dict[str, Any] = {}
+        self._cancel_reason: str | None = None
         #: time.monotonic() when the RPC began.
         self.started = time.monotonic()
         #: The RPC's server span (tracing.NO_SPAN while tracing is off, and for quiet RPCs).
@@ -46,6 +47,10 @@ class RpcScope:
     def note(self, **fields: Any) -> None:
         """Add fields to the line logged when the RPC ends."""
         self._fields.update(fields)
+
+    def cancelled_because(self, reason: str) -> None:
+        """The router cancels the RPC itself, for ``reason`` (logged as its CANCELLED status)."""
+        self._cancel_reason = reason
 
     async def __aenter__(self) -> RpcScope:
         self.started = time.monotonic()
@@ -91,5 +96,5 @@ class RpcScope:
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             if errors.cancelled_status(self._context) is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return "DEADLINE_EXCEEDED", "the caller's deadline passed"
-            return "CANCELLED", "the caller cancelled"
+            return "CANCELLED", self._cancel_reason or "the caller cancelled"
         return "INTERNAL", type(exc).__name__

@@ -6,7 +6,8 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
    (router/_rpc_scope.py logs, counts and traces the RPC, and turns its errors into statuses);
 2. the tenant (metadata ``x-llmmesh-tenant``) and the request are validated before anything else:
    bad input never reaches a worker; the request's use of the cache is decided once, here
-   (router/_intake.py);
+   (router/_intake.py); a stream beyond its connection's or tenant's limit of open streams is
+   RESOURCE_EXHAUSTED (router/_stream_limits.py);
 3. a model no worker has ever reported is NOT_FOUND (router/_intake.py);
 4. a cacheable request is looked up under a short timeout; a hit is answered at once (a streaming
    caller gets the cached text as a few chunks), a miss under CACHE_POLICY_ONLY_IF_CACHED is
@@ -20,7 +21,9 @@ How a request flows through :class:`RouterService` (see ARCHITECTURE.md):
    its probe comes first; no worker at all: UNAVAILABLE, saying why). When every worker of the
    model is full the request waits in the admission queue (router/_admission.py), in priority
    order; the time it waits is added to the summary's ``timings.queue_ms``. The request is sent
-   with the caller's remaining deadline at dispatch. Chunks are relayed as they arrive; a caller
+   with the caller's remaining deadline at dispatch. Chunks are relayed as they arrive (the
+   worker's slot is free once the worker is done, however slowly the caller reads: a caller that
+   reads nothing for ``stream_idle_timeout`` is cancelled; router/_drain.py); a caller
    that cancels or runs out of time cancels the worker's call, which aborts the engine request.
    A failure before the first chunk is retried on another worker (bounded, jittered, within the
    deadline); never after (router/_picking.py picks, router/_dispatch.py sends and relays);
@@ -55,6 +58,7 @@ from router._pool import WorkerPool
 from router._routing_table import routing_table
 from router._rpc_scope import Context, RpcScope
 from router._single_flight import Flights
+from router._stream_limits import StreamLimits
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -72,6 +76,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         admission: AdmissionQueue | None = None,
         fill_lock_ttl: timedelta = timedelta(seconds=5),
         fill_max_wait: timedelta = timedelta(seconds=30),
+        stream_idle_timeout: timedelta = timedelta(seconds=30),
+        stream_limits: StreamLimits | None = None,
     ) -> None:
         self.pool = pool
         self.admission = admission or AdmissionQueue()
@@ -93,7 +99,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.admission,
             max_attempts=max_attempts,
             max_request_time=max_request_time.total_seconds(),
+            default_max_tokens=limits.default_max_tokens,
+            stream_idle_timeout=stream_idle_timeout.total_seconds(),
         )
+        self.stream_limits = stream_limits or StreamLimits(per_connection=0, per_tenant=0)
         self._completion = Completion(self.flights, cache)
 
     @property
@@ -143,25 +152,26 @@ class RouterService(router_pb2_grpc.RouterServicer):
         async with RpcScope("GenerateStream", context) as scope:
             scope.span.set_request(request_id, request.model)
             accepted = self._accept(request, request_id, context, scope)
-            lead = Lead()
-            try:
-                found = await self._consult.consult(accepted, lead, context, scope)
-                if found is not None:
-                    for chunk in found_chunks(accepted, found, scope):
-                        yield chunk
-                    return
-                on_answer = functools.partial(self._completion.finish, accepted, lead)
-                # Closed here, not later by the garbage collector, when the caller goes away.
-                async with contextlib.aclosing(
-                    self._dispatch.stream(accepted, context, scope, on_answer)
-                ) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            except errors.MeshError as exc:
-                self._completion.abandon(lead, exc)
-                raise
-            finally:
-                self._completion.abandon(lead)
+            with self.stream_limits.open(connection=context.peer(), tenant=accepted.tenant):
+                lead = Lead()
+                try:
+                    found = await self._consult.consult(accepted, lead, context, scope)
+                    if found is not None:
+                        for chunk in found_chunks(accepted, found, scope):
+                            yield chunk
+                        return
+                    on_answer = functools.partial(self._completion.finish, accepted, lead)
+                    # Closed here, not later by the garbage collector, when the caller goes away.
+                    async with contextlib.aclosing(
+                        self._dispatch.stream(accepted, context, scope, on_answer)
+                    ) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+                except errors.MeshError as exc:
+                    self._completion.abandon(lead, exc)
+                    raise
+                finally:
+                    self._completion.abandon(lead)
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: Context

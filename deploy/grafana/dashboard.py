@@ -140,6 +140,20 @@ ROWS = [
                 unit="s",
             ),
             Panel(
+                "Open streams, refused and idle-cancelled streams",
+                [
+                    ("sum(llmmesh_router_open_streams)", "open"),
+                    (rate("llmmesh_router_streams_refused_total", "limit"), "refused/s {{limit}}"),
+                    (
+                        "sum(rate(llmmesh_router_streams_idle_cancelled_total[$__rate_interval]))",
+                        "idle-cancelled/s",
+                    ),
+                ],
+                description="GenerateStream calls open now; those refused above "
+                "--max-streams-per-connection or --max-streams-per-tenant; those cancelled "
+                "because their caller read nothing for --stream-idle-timeout.",
+            ),
+            Panel(
                 "Retries, ejections, stale reports, busy refusals",
                 [
                     (rate("llmmesh_router_retries_total", "code"), "retry {{code}}"),
